@@ -1,0 +1,369 @@
+"""Recipe: the YAML file a run is described by, parsed once into frozen, validated objects.
+
+Every section is a pydantic model with ``extra="forbid"`` and ``frozen=True``: an unknown key, a wrong
+type or an out-of-range value is a :class:`RecipeError` that names the key path (``loss.beta``) and
+says what is allowed. Nothing downstream re-reads the YAML.
+
+Sections: ``model``, ``data``, ``lora``, ``loss``, ``train``, ``reference``, ``output`` (and ``task``).
+Paths are resolved against the current working directory, as a shell would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file and key path."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+class QuantizationConfig(_Section):
+    """A k-bit base model through bitsandbytes (QLoRA). The LM head stays unquantized."""
+
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class ModelConfig(_Section):
+    """The policy's base model: a local Hugging Face causal-LM directory, or a hub id where the network allows."""
+
+    path: str
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+    quantization: QuantizationConfig | None = None
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class DataConfig(_Section):
+    """Where the preference data is and how it is turned into token ids."""
+
+    train: str
+    eval: str | None = None
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    split: str = "train"
+    layout: Literal["auto", "explicit", "conversational", "hh_rlhf", "message_lists", "unpaired"] = "auto"
+    columns: dict[str, str] = Field(default_factory=dict)
+    chat_template: str | None = None
+    max_length: int = Field(512, ge=2)
+    max_prompt_length: int = Field(256, ge=1)
+    truncation: Literal["keep_end", "keep_start"] = "keep_end"
+    on_bad_row: Literal["error", "skip"] = "error"
+    num_proc: int = Field(1, ge=1)
+    cache_dir: str | None = None
+    max_rows: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> DataConfig:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
+                f"({self.max_length}) so that a completion token fits"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- lora
+
+
+class LoraConfig(_Section):
+    """LoRA adapter settings (peft). ``target_modules: all-linear`` adapts every linear layer but the head."""
+
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+
+
+# ---------------------------------------------------------------------------------------------- loss
+# One class per loss; the fields are exactly the options the loss takes (see dpo.losses.LOSSES), so an
+# option a loss does not take is an "extra inputs are not permitted" error at loss.<option>.
+
+Beta = Annotated[float, Field(gt=0)]
+NllWeight = Annotated[float, Field(ge=0)]
+
+
+class _Loss(_Section):
+    def options(self) -> dict[str, float]:
+        """The loss options as the registry names them (``lambda`` for ORPO), without ``name``."""
+        return {k: v for k, v in self.model_dump(by_alias=True).items() if k != "name"}
+
+
+class DPOLoss(_Loss):
+    name: Literal["dpo"]
+    beta: Beta = 0.1
+    label_smoothing: float = Field(0.0, ge=0.0, le=0.5)
+    nll_weight: NllWeight = 0.0
+
+
+class RobustLoss(_Loss):
+    name: Literal["robust"]
+    beta: Beta = 0.1
+    label_smoothing: float = Field(0.1, ge=0.0, lt=0.5)
+    nll_weight: NllWeight = 0.0
+
+
+class HingeLoss(_Loss):
+    name: Literal["hinge"]
+    beta: Beta = 0.1
+    nll_weight: NllWeight = 0.0
+
+
+class IPOLoss(_Loss):
+    name: Literal["ipo"]
+    beta: Beta = 0.1
+    nll_weight: NllWeight = 0.0
+
+
+class KTOLoss(_Loss):
+    name: Literal["kto"]
+    beta: Beta = 0.1
+    desirable_weight: float = Field(1.0, gt=0)
+    undesirable_weight: float = Field(1.0, gt=0)
+
+
+class SimPOLoss(_Loss):
+    name: Literal["simpo"]
+    beta: Beta = 2.0
+    gamma: float = Field(0.5, ge=0)
+    nll_weight: NllWeight = 0.0
+
+
+class ORPOLoss(_Loss):
+    name: Literal["orpo"]
+    lambda_: float = Field(0.1, gt=0, alias="lambda")
+    nll_weight: NllWeight = 0.0
+
+
+LossConfig = Annotated[
+    DPOLoss | RobustLoss | HingeLoss | IPOLoss | KTOLoss | SimPOLoss | ORPOLoss,
+    Field(discriminator="name"),
+]
+LOSS_CONFIGS: dict[str, type[_Loss]] = {
+    "dpo": DPOLoss,
+    "robust": RobustLoss,
+    "hinge": HingeLoss,
+    "ipo": IPOLoss,
+    "kto": KTOLoss,
+    "simpo": SimPOLoss,
+    "orpo": ORPOLoss,
+}
+
+
+# --------------------------------------------------------------------------------------------- train
+
+
+class TrainConfig(_Section):
+    """Optimisation settings. A step is one optimizer step (``batch_size * grad_accum`` pairs)."""
+
+    seed: int = 0
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    loss_scaler: bool = False
+    log_every: int = Field(10, ge=1)
+    eval_every: int | None = Field(None, ge=1)
+    save_every: int | None = Field(None, ge=1)
+    keep_last: int = Field(2, ge=1)
+    max_bad_steps: int = Field(5, ge=1)
+    logprob_impl: Literal["auto", "torch", "triton"] = "auto"
+    logprob_chunk_size: int | None = Field(None, ge=1)
+
+
+# ------------------------------------------------------------------------------------------ reference
+
+
+class ReferenceConfig(_Section):
+    """How reference log-probs are computed (once, before training)."""
+
+    model_path: str | None = None
+    batch_size: int = Field(16, ge=1)
+
+
+# --------------------------------------------------------------------------------------------- output
+
+
+class OutputConfig(_Section):
+    dir: str
+    tensorboard: bool = False
+
+
+# --------------------------------------------------------------------------------------------- recipe
+
+
+class Recipe(_Section):
+    """A whole run. ``task: preference`` trains a policy adapter with a loss from ``dpo.losses``."""
+
+    task: Literal["preference"] = "preference"
+    model: ModelConfig
+    data: DataConfig
+    lora: LoraConfig = LoraConfig()
+    loss: LossConfig = DPOLoss(name="dpo")
+    train: TrainConfig = TrainConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+    output: OutputConfig
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _default_loss_name(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "name" not in value:
+            return {"name": "dpo", **value}
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Recipe:
+        if self.model.dtype == "float16" and not self.train.loss_scaler:
+            raise ValueError(
+                "model.dtype: float16 needs train.loss_scaler: true (float16 gradients underflow without "
+                "loss scaling); or use bfloat16 or float32"
+            )
+        if self.loss.name == "kto" and self.train.batch_size < 2:
+            raise ValueError(
+                "train.batch_size: kto needs at least 2 rows per batch (its KL estimate pairs each prompt "
+                "with another row's completion)"
+            )
+        return self
+
+    def to_yaml(self) -> str:
+        """The fully resolved recipe (every default filled in) as YAML."""
+        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid recipe"]
+    for item in error.errors():
+        loc = [str(p) for p in item["loc"]]
+        loss_name = None
+        # The discriminated union adds the loss name to the location; drop it for readability.
+        if len(loc) >= 2 and loc[0] == "loss" and loc[1] in LOSS_CONFIGS:
+            loss_name = loc[1]
+            loc = [loc[0], *loc[2:]]
+        key = ".".join(loc) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden" and loss_name is not None:
+            takes = [f.alias or n for n, f in LOSS_CONFIGS[loss_name].model_fields.items() if n != "name"]
+            message = f"loss '{loss_name}' does not take this option; it takes: {', '.join(takes)}"
+        elif item["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc[:-1])
+            message = "unknown key" + (f"; allowed here: {', '.join(allowed)}" if allowed else "")
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        elif "input" in item and not isinstance(item["input"], dict):
+            message += f" (got {item['input']!r})"
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def _allowed_keys(section_path: list[str]) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in section_path:
+        if model is Recipe and part == "loss":
+            return []  # the loss's allowed keys depend on its name; the message names the option
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        nested = next((c for c in candidates if issubclass(c, BaseModel)), None)
+        if nested is None:
+            return []
+        model = nested
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {dotted}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one ``key.path=value`` override; the value is read as YAML (``0.1``, ``true``, ``[a, b]``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set {text!r}: expected key.path=value, e.g. --set loss.beta=0.2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"--set {text!r}: value is not valid YAML: {exc}") from None
+    return key.strip(), value
+
+
+def recipe_from_dict(tree: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Validate a parsed recipe tree. Raises :class:`RecipeError` naming each bad key."""
+    if not isinstance(tree, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping of sections (model, data, ...), got {type(tree).__name__}")
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as exc:
+        raise RecipeError(_format_validation_error(exc, source)) from None
+
+
+def load_recipe_tree(path: str | Path) -> dict[str, Any]:
+    """Read a recipe file with YAML's safe loader (Python tags are refused)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text ({exc})") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML (only plain YAML is accepted, no Python tags):\n{exc}") from None
+    return tree if tree is not None else {}
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load, override and validate a recipe.
+
+    Args:
+        path: the YAML file.
+        overrides: ``key.path=value`` strings applied in order before validation.
+
+    Returns:
+        The frozen :class:`Recipe`.
+    """
+    tree = load_recipe_tree(path)
+    if not isinstance(tree, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections (model, data, ...)")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(tree, key, value)
+    return recipe_from_dict(tree, str(path))
