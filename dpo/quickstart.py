@@ -1,0 +1,149 @@
+"""Builds the quickstart's assets: a character-level tokenizer, a tiny random-weight Llama and a
+synthetic preference set whose preferred answer is checkable by a rule.
+
+Everything is deterministic from a seed and needs no download. ``python -m dpo.quickstart DIR`` writes
+``DIR/model`` (config, safetensors weights, tokenizer) and ``DIR/data/{train,eval}.jsonl``; the recipe
+``recipes/quickstart.yaml`` points at ``recipes/quickstart``, which ships these files.
+
+The task (see ``data_cards/quickstart-arithmetic.md``): questions about an integer whose answer depends
+only on its last digit ("Is 347 even or odd?", "What is the last digit of 347?", "What is 347 mod 5?").
+The chosen completion is the correct answer, the rejected one a wrong answer of the same form, so a
+policy that learns the rule ranks held-out pairs correctly.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+import sys
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+CHARACTERS = list(string.printable[:95]) + ["\n", "\t"]  # printable ASCII and the usual whitespace
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def build_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
+    """A character-level fast tokenizer with BOS ``<s>``, EOS ``</s>`` and pad ``<pad>``.
+
+    Every printable ASCII character is one token, so token boundaries are easy to check by hand.
+    BOS is prepended by the post-processor (``add_special_tokens=True``), EOS is not.
+    """
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + [c for c in CHARACTERS if c not in SPECIAL_TOKENS])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=4096,
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def build_model(vocab_size: int, *, hidden_size: int = 64, layers: int = 2, heads: int = 4, seed: int = 0):
+    """A tiny random-weight ``LlamaForCausalLM`` (untied head, no biases)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def _question(number: int, kind: str) -> tuple[str, str, list[str]]:
+    """Return (prompt, correct answer, wrong answers) for one question."""
+    last = number % 10
+    if kind == "parity":
+        correct = "even" if number % 2 == 0 else "odd"
+        return f"Is {number} even or odd? Answer:", f" {correct}", [f" {'odd' if correct == 'even' else 'even'}"]
+    if kind == "last_digit":
+        return (
+            f"What is the last digit of {number}? Answer:",
+            f" {last}",
+            [f" {d}" for d in range(10) if d != last],
+        )
+    if kind == "mod5":
+        return f"What is {number} mod 5? Answer:", f" {number % 5}", [f" {d}" for d in range(5) if d != number % 5]
+    raise ValueError(f"unknown question kind {kind!r}")
+
+
+def make_pairs(count: int, seed: int, numbers: range = range(10, 1000)) -> list[dict[str, str]]:
+    """``count`` preference pairs ``{prompt, chosen, rejected}``; chosen is correct by the rule."""
+    rng = random.Random(seed)
+    kinds = ["parity", "last_digit", "mod5"]
+    pairs = []
+    for _ in range(count):
+        prompt, correct, wrong = _question(rng.choice(numbers), rng.choice(kinds))
+        pairs.append({"prompt": prompt, "chosen": correct, "rejected": rng.choice(wrong)})
+    return pairs
+
+
+def is_correct(prompt: str, answer: str) -> bool:
+    """The rule that labels the data: does ``answer`` correctly answer ``prompt``?"""
+    number = int("".join(c for c in prompt.split("?")[0] if c.isdigit()) or -1)
+    if prompt.startswith("What is") and "mod 5" in prompt:
+        number = int(prompt.split()[2])
+        return answer.strip() == str(number % 5)
+    if prompt.startswith("Is "):
+        return answer.strip() == ("even" if number % 2 == 0 else "odd")
+    return answer.strip() == str(number % 10)
+
+
+def write_assets(directory: str | Path, *, train_pairs: int = 2000, eval_pairs: int = 200, seed: int = 0) -> Path:
+    """Write the tokenizer, model and data under ``directory``. Train and eval numbers do not overlap."""
+    directory = Path(directory)
+    model_dir = directory / "model"
+    data_dir = directory / "data"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(model_dir)
+    build_model(len(tokenizer), seed=seed).save_pretrained(model_dir, safe_serialization=True)
+    # Held-out pairs use numbers the training pairs never contain, so accuracy measures the rule.
+    numbers = list(range(10, 1000))
+    random.Random(seed).shuffle(numbers)
+    eval_numbers = sorted(numbers[:100])
+    train_numbers = sorted(numbers[100:])
+    splits = {
+        "train.jsonl": make_pairs(train_pairs, seed + 1, numbers=train_numbers),
+        "eval.jsonl": make_pairs(eval_pairs, seed + 2, numbers=eval_numbers),
+    }
+    for name, rows in splits.items():
+        with open(data_dir / name, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+    return directory
+
+
+if __name__ == "__main__":
+    target = sys.argv[1] if len(sys.argv) > 1 else "recipes/quickstart"
+    print(f"wrote {write_assets(target)}")
