@@ -1,0 +1,109 @@
+"""Recipe parsing: round trips, overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from dpo.recipe import LOSS_CONFIGS, Recipe, RecipeError, load_recipe, recipe_from_dict
+
+MINIMAL = {"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "output": {"dir": "out"}}
+
+
+def with_(**sections) -> dict:
+    tree = {k: dict(v) for k, v in MINIMAL.items()}
+    for key, value in sections.items():
+        tree[key] = {**tree.get(key, {}), **value} if isinstance(value, dict) else value
+    return tree
+
+
+def test_valid_recipe_round_trips(tmp_path):
+    recipe = recipe_from_dict(with_(loss={"name": "ipo", "beta": 0.3}, train={"lr": "1e-4", "max_steps": 7}))
+    again = recipe_from_dict(yaml.safe_load(recipe.to_yaml()))
+    assert again == recipe
+    assert recipe.loss.name == "ipo" and recipe.loss.beta == 0.3
+    assert recipe.train.lr == pytest.approx(1e-4)
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe.to_yaml())
+    assert load_recipe(path) == recipe
+
+
+def test_recipe_is_frozen():
+    recipe = recipe_from_dict(MINIMAL)
+    with pytest.raises(Exception):
+        recipe.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_loss_defaults_to_dpo():
+    assert recipe_from_dict(with_(loss={"beta": 0.5})).loss.name == "dpo"
+
+
+@pytest.mark.parametrize(
+    ("tree", "key", "hint"),
+    [
+        (with_(model={"path": "m", "colour": "red"}), "model.colour", "allowed here: path"),
+        (with_(bogus={"a": 1}), "bogus", "unknown key"),
+        (with_(train={"lr": "fast"}), "train.lr", "valid number"),
+        (with_(train={"lr": -1}), "train.lr", "greater than 0"),
+        (with_(train={"batch_size": 0}), "train.batch_size", "greater than or equal to 1"),
+        (with_(data={"truncation": "middle"}), "data.truncation", "'keep_end' or 'keep_start'"),
+        (with_(loss={"name": "ipo", "label_smoothing": 0.1}), "loss.label_smoothing", "it takes: beta, nll_weight"),
+        (with_(loss={"name": "robust", "label_smoothing": 0.5}), "loss.label_smoothing", "less than 0.5"),
+        (with_(loss={"name": "nope"}), "loss", "'dpo'"),
+        (with_(model={"path": "m", "dtype": "float16"}), "model.dtype", "loss_scaler"),
+        (with_(loss={"name": "kto"}, train={"batch_size": 1}), "train.batch_size", "at least 2"),
+        (with_(data={"max_length": 10, "max_prompt_length": 10}), "max_prompt_length", "smaller than max_length"),
+        ({"data": {"train": "t"}, "output": {"dir": "o"}}, "model", "required key is missing"),
+    ],
+)
+def test_invalid_recipe_names_the_key(tree, key, hint):
+    with pytest.raises(RecipeError) as info:
+        recipe_from_dict(tree, "bad.yaml")
+    message = str(info.value)
+    assert message.startswith("bad.yaml")
+    assert key in message
+    assert hint in message
+
+
+def test_overrides_apply_and_are_validated(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    recipe = load_recipe(path, ["loss.beta=0.25", "train.max_steps=3", "lora.target_modules=[q_proj, v_proj]",
+                                "model.quantization.bits=8"])
+    assert recipe.loss.beta == 0.25 and recipe.train.max_steps == 3
+    assert recipe.lora.target_modules == ["q_proj", "v_proj"]
+    assert recipe.model.quantization is not None and recipe.model.quantization.bits == 8
+    with pytest.raises(RecipeError, match="train.max_steps"):
+        load_recipe(path, ["train.max_steps=zero"])
+    with pytest.raises(RecipeError, match="key.path=value"):
+        load_recipe(path, ["loss.beta"])
+
+
+def test_python_yaml_tags_are_refused(tmp_path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.yaml"
+    path.write_text(f"model: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(RecipeError, match="evil.yaml"):
+        load_recipe(path)
+    assert not marker.exists()
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe(tmp_path / "absent.yaml")
+
+
+def test_every_loss_has_a_config_and_options_match_the_registry():
+    from dpo.losses import LOSSES
+
+    assert set(LOSS_CONFIGS) == set(LOSSES)
+    for name, cls in LOSS_CONFIGS.items():
+        options = cls(name=name).options()
+        assert set(options) == set(LOSSES[name].options), name
+
+
+def test_resolved_recipe_has_every_default():
+    recipe = recipe_from_dict(MINIMAL)
+    tree = yaml.safe_load(recipe.to_yaml())
+    assert set(tree) == set(Recipe.model_fields)
+    assert tree["train"]["seed"] == 0 and tree["lora"]["target_modules"] == "all-linear"
