@@ -1,0 +1,205 @@
+"""Model: the policy (a causal LM with a LoRA adapter) and its per-sequence log-probs.
+
+The forward never builds ``[tokens, vocab]`` logits: the trunk returns final hidden states, and
+:func:`dpo.kernels.token_logprobs` turns the hidden states at completion positions plus the LM head's
+weight into log-probs of the targets. The reference model is the same network with the adapter
+disabled (or, when the recipe names one, a separate model used only while the reference log-probs are
+computed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from dpo.kernels import token_logprobs
+from dpo.recipe import LoraConfig, ModelConfig
+
+IGNORE_INDEX = -100
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(ValueError):
+    """A model this tool cannot train correctly; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class LogprobSettings:
+    """How per-token log-probs are computed (part of the reference cache's key)."""
+
+    impl: str = "auto"
+    chunk_size: int | None = None
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+def load_tokenizer(config: ModelConfig, path: str | None = None):
+    """Load the model's tokenizer; a missing pad token falls back to EOS (padding is always masked)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path or config.path, trust_remote_code=config.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ModelError(f"{config.path}: the tokenizer has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"{config.path}: the tokenizer has no EOS token; completions must end with one")
+    return tokenizer
+
+
+def quantization_config(config: ModelConfig):
+    """A ``BitsAndBytesConfig`` for ``model.quantization``, or None for a full-precision base."""
+    q = config.quantization
+    if q is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if q.bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.quant_type,
+            bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=_DTYPES[q.compute_dtype],
+            llm_int8_skip_modules=["lm_head"],
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"])
+
+
+def load_base_model(config: ModelConfig, path: str | None = None, device: torch.device | str | None = None):
+    """Load a causal LM from a local directory (or hub id) through ``from_pretrained``.
+
+    Args:
+        config: the recipe's model section.
+        path: load this path instead of ``config.path`` (a separate reference model).
+        device: where to put the weights (quantized models are placed by bitsandbytes).
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = path or config.path
+    if config.trust_remote_code:
+        print(f"model: trust_remote_code is ON for {source}: code from the model directory will run")
+    kwargs = {"dtype": _DTYPES[config.dtype], "trust_remote_code": config.trust_remote_code}
+    if config.attn_implementation is not None:
+        kwargs["attn_implementation"] = config.attn_implementation
+    quant = quantization_config(config)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["dtype"] = _DTYPES[config.quantization.compute_dtype]
+        if device is not None:
+            kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        hint = "" if Path(source).exists() else " (no such local directory; as a hub id it needs the network)"
+        raise ModelError(f"model.path: cannot load {source!r}{hint}: {exc}") from None
+    check_head(model, source)
+    if quant is None and device is not None:
+        model.to(device)
+    return model
+
+
+def check_head(model: nn.Module, source: str = "model") -> None:
+    """Refuse heads the fused log-prob path would get wrong (bias, logit scaling)."""
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise ModelError(f"{source}: the model has no linear output head (get_output_embeddings() is None)")
+    if getattr(head, "bias", None) is not None:
+        raise ModelError(f"{source}: an LM head with a bias is not supported by the log-prob kernels")
+    config = model.config
+    for name in ("logit_scale", "logits_scaling"):
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            raise ModelError(f"{source}: config.{name}={value} (scaled logits) is not supported")
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing with the non-reentrant implementation (works with frozen inputs)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def add_lora(model: nn.Module, lora: LoraConfig, gradient_checkpointing: bool = False):
+    """Wrap ``model`` with a fresh LoRA adapter (peft). The LM head is never adapted."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        enable_checkpointing(model)
+        model.enable_input_require_grads()
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The underlying ``*ForCausalLM`` of a (possibly peft-wrapped) model."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def trunk(model: nn.Module) -> nn.Module:
+    """The decoder stack that returns final (normed) hidden states, e.g. ``LlamaModel``."""
+    lm = causal_lm(model)
+    return getattr(lm, lm.base_model_prefix)
+
+
+def final_logit_softcap(model: nn.Module) -> float | None:
+    """Gemma-2 style ``cap * tanh(z / cap)`` on the logits, if the model uses it."""
+    cap = getattr(causal_lm(model).config, "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def sequence_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+    settings: LogprobSettings = LogprobSettings(),
+) -> tuple[Tensor, Tensor]:
+    """Summed log-probs of the labelled tokens of each row.
+
+    Position ``t`` predicts token ``t + 1``; only positions whose next label is not -100 reach the kernel.
+
+    Args:
+        model: the policy (peft-wrapped or plain causal LM).
+        input_ids: ``[R, T]`` token ids.
+        attention_mask: ``[R, T]``, 1 on real tokens.
+        labels: ``[R, T]``, the token id on completion positions, -100 elsewhere.
+        settings: kernel choice and chunking.
+
+    Returns:
+        ``(logps [R] float32, token_counts [R] int64)``.
+    """
+    hidden = trunk(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    selected = targets != IGNORE_INDEX
+    rows = selected.nonzero(as_tuple=True)[0]
+    head = causal_lm(model).get_output_embeddings()
+    per_token = token_logprobs(
+        hidden[:, :-1][selected],
+        head.weight,
+        targets[selected],
+        softcap=final_logit_softcap(model),
+        impl=settings.impl,
+        chunk_size=settings.chunk_size,
+    )
+    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, per_token)
+    return sums, selected.sum(dim=1)

@@ -1,0 +1,111 @@
+"""Model loading and per-sequence log-probs: equal to a full-logits float64 reference, never the full logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpo.model import (
+    LogprobSettings,
+    ModelError,
+    add_lora,
+    check_head,
+    final_logit_softcap,
+    load_base_model,
+    load_tokenizer,
+    sequence_logprobs,
+)
+from dpo.recipe import LoraConfig, ModelConfig
+from tests.helpers import build_tiny_model
+
+
+def full_logits_reference(model, input_ids, attention_mask, labels) -> torch.Tensor:
+    """Plain transformers forward with full logits and float64 log_softmax: the definition."""
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.double()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    targets = labels[:, 1:]
+    mask = targets != -100
+    gathered = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (gathered * mask).sum(dim=1)
+
+
+def make_batch(vocab: int):
+    torch.manual_seed(1)
+    input_ids = torch.randint(4, vocab, (3, 11))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, 8:] = 0  # right padding
+    labels = input_ids.clone()
+    labels[:, :5] = -100  # prompt
+    labels[2, 8:] = -100  # padding
+    return input_ids, attention_mask, labels
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+def test_sequence_logprobs_match_full_logits(tmp_path, arch):
+    path = build_tiny_model(tmp_path / arch, arch)
+    config = ModelConfig(path=str(path))
+    model = load_base_model(config)
+    model.eval()
+    if arch == "gemma2":
+        assert final_logit_softcap(model) == 30.0
+    input_ids, attention_mask, labels = make_batch(model.config.vocab_size)
+    with torch.no_grad():
+        sums, counts = sequence_logprobs(model, input_ids, attention_mask, labels, LogprobSettings(impl="torch"))
+    expected = full_logits_reference(model, input_ids, attention_mask, labels)
+    assert counts.tolist() == [6, 6, 3]
+    assert sums.dtype == torch.float32
+    torch.testing.assert_close(sums.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_lora_starts_equal_to_base_and_disable_adapter_gives_base(tmp_path):
+    path = build_tiny_model(tmp_path / "m")
+    config = ModelConfig(path=str(path))
+    base_logps = None
+    model = load_base_model(config)
+    input_ids, attention_mask, labels = make_batch(model.config.vocab_size)
+    with torch.no_grad():
+        base_logps, _ = sequence_logprobs(model, input_ids, attention_mask, labels)
+    policy = add_lora(model, LoraConfig(r=4, alpha=8))
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert not any("lm_head" in n for n in trainable)
+    with torch.no_grad():
+        for p in policy.parameters():
+            if p.requires_grad:
+                p.add_(0.05)  # move the adapter away from its zero init
+        moved, _ = sequence_logprobs(policy, input_ids, attention_mask, labels)
+        with policy.disable_adapter():
+            reference, _ = sequence_logprobs(policy, input_ids, attention_mask, labels)
+    assert not torch.allclose(moved, base_logps)
+    torch.testing.assert_close(reference, base_logps)
+
+
+def test_gradients_reach_lora_parameters(tmp_path):
+    path = build_tiny_model(tmp_path / "m")
+    policy = add_lora(load_base_model(ModelConfig(path=str(path))), LoraConfig(r=4), gradient_checkpointing=True)
+    input_ids, attention_mask, labels = make_batch(policy.config.vocab_size)
+    policy.train()
+    sums, _ = sequence_logprobs(policy, input_ids, attention_mask, labels)
+    sums.sum().backward()
+    grads = [p.grad for n, p in policy.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_head_with_bias_is_refused(tmp_path):
+    model = load_base_model(ModelConfig(path=str(build_tiny_model(tmp_path / "m"))))
+    head = model.get_output_embeddings()
+    head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
+    with pytest.raises(ModelError, match="bias"):
+        check_head(model)
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelError, match="model.path"):
+        load_base_model(ModelConfig(path=str(tmp_path / "absent")))
+
+
+def test_tokenizer_without_pad_falls_back_to_eos(tmp_path):
+    path = build_tiny_model(tmp_path / "m")
+    tokenizer = load_tokenizer(ModelConfig(path=str(path)))
+    assert tokenizer.pad_token_id == 0 and tokenizer.eos_token_id == 2
