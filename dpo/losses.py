@@ -154,9 +154,11 @@ def _check_beta(beta: float) -> None:
         raise ValueError(f"beta must be > 0, got {beta}")
 
 
-def _check_label_smoothing(label_smoothing: float) -> None:
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must satisfy 0 <= label_smoothing < 0.5, got {label_smoothing}")
+def _check_label_smoothing(label_smoothing: float, *, allow_half: bool) -> None:
+    upper_ok = label_smoothing <= 0.5 if allow_half else label_smoothing < 0.5
+    if not (label_smoothing >= 0.0 and upper_ok):
+        bound = "<= 0.5" if allow_half else "< 0.5"
+        raise ValueError(f"label_smoothing must satisfy 0 <= label_smoothing {bound}, got {label_smoothing}")
 
 
 def _check_non_negative(name: str, value: float) -> None:
@@ -221,14 +223,14 @@ def dpo_loss(
         reference_chosen: [B] summed log πref(y_c|x).
         reference_rejected: [B] summed log πref(y_r|x).
         beta: β > 0, strength of the implicit KL constraint.
-        label_smoothing: ε in [0, 0.5).
+        label_smoothing: ε in [0, 0.5]; at 0.5 the loss is symmetric in δ and carries no preference.
 
     Returns:
         losses [B] (differentiable), chosen_rewards [B] = β·Δc and rejected_rewards [B] = β·Δr
         (both detached).
     """
     _check_beta(beta)
-    _check_label_smoothing(label_smoothing)
+    _check_label_smoothing(label_smoothing, allow_half=True)
     chosen_ratio, rejected_ratio = _summed_log_ratios(
         policy_chosen, policy_rejected, reference_chosen, reference_rejected
     )
@@ -262,7 +264,7 @@ def robust_dpo_loss(
         losses [B], chosen_rewards [B] = β·Δc, rejected_rewards [B] = β·Δr (rewards detached).
     """
     _check_beta(beta)
-    _check_label_smoothing(label_smoothing)
+    _check_label_smoothing(label_smoothing, allow_half=False)
     chosen_ratio, rejected_ratio = _summed_log_ratios(
         policy_chosen, policy_rejected, reference_chosen, reference_rejected
     )

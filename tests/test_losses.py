@@ -188,10 +188,16 @@ def test_reference_receives_no_gradient():
     assert gradient is None
 
 
-@pytest.mark.parametrize("label_smoothing", [-0.1, 0.5, 0.7])
+@pytest.mark.parametrize("label_smoothing", [-0.1, 0.51, 0.7])
 def test_dpo_rejects_bad_label_smoothing(label_smoothing):
     with pytest.raises(ValueError, match="label_smoothing"):
         dpo_loss(f32(-1.0), f32(-3.0), f32(-2.0), f32(-2.5), beta=0.1, label_smoothing=label_smoothing)
+
+
+def test_conservative_dpo_accepts_one_half():
+    # ε = 0.5, x = βδ = 0.15: 0.5·sp(0.15) + 0.5·sp(−0.15) = sp(0.15) + 0.5·0.15 = 0.6209570 + 0.075 = 0.6959570.
+    losses, _, _ = dpo_loss(f32(-1.0), f32(-3.0), f32(-2.0), f32(-2.5), beta=0.1, label_smoothing=0.5)
+    close(losses, 0.6959570477895321)
 
 
 def test_dpo_rejects_non_positive_beta():
