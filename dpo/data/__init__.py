@@ -1,0 +1,26 @@
+"""Preference data: reading every supported layout, validating rows, tokenizing, caching and collating.
+
+The trainer and the CLI use :func:`prepare_data` (recipe ``data:`` section -> tokenized splits) and
+:func:`collate_paired` / :func:`collate_unpaired` (tokenized rows -> padded batches).
+"""
+
+from dpo.data.collate import IGNORE_INDEX, collate_paired, collate_unpaired
+from dpo.data.kto import kto_balance_warning
+from dpo.data.layouts import CANONICAL_COLUMNS, LAYOUTS
+from dpo.data.prepare import PreparedData, prepare_data
+from dpo.data.stats import LengthSummary, TokenStats
+from dpo.data.validate import DataError
+
+__all__ = [
+    "CANONICAL_COLUMNS",
+    "IGNORE_INDEX",
+    "LAYOUTS",
+    "DataError",
+    "LengthSummary",
+    "PreparedData",
+    "TokenStats",
+    "collate_paired",
+    "collate_unpaired",
+    "kto_balance_warning",
+    "prepare_data",
+]

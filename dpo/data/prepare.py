@@ -1,0 +1,385 @@
+"""From the recipe's ``data:`` section to tokenized train and eval datasets.
+
+Steps: read rows (:mod:`dpo.data.load`), rename columns and detect the layout
+(:mod:`dpo.data.layouts`), validate every row and report bad ones (:mod:`dpo.data.validate`), split
+off eval rows, tokenize through ``datasets.map`` (:mod:`dpo.data.tokenize`) or reuse the on-disk cache
+(:mod:`dpo.data.cache`), and for unpaired losses convert pairs and add KL completions (:mod:`dpo.data.kto`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+
+from dpo.data.cache import (
+    content_hash,
+    default_cache_dir,
+    key_of,
+    load_entry,
+    rows_hash,
+    save_entry,
+    tokenizer_hash,
+)
+from dpo.data.chat import resolve_chat_template
+from dpo.data.kto import kl_completions, pairs_to_unpaired, require_both_labels
+from dpo.data.layouts import (
+    check_mapped_columns,
+    detect_layout,
+    normalise_row,
+    rename_columns,
+    uses_chat,
+)
+from dpo.data.load import load_rows
+from dpo.data.stats import LengthSummary, TokenStats
+from dpo.data.tokenize import RowTokenizer
+from dpo.data.validate import BadRow, DataError, RowProblem, handle_bad_rows
+
+IDS = datasets.Sequence(datasets.Value("int32"))
+PAIRED_FEATURES = datasets.Features(
+    {"index": datasets.Value("int64"), "prompt_ids": IDS, "chosen_ids": IDS, "rejected_ids": IDS}
+)
+UNPAIRED_FEATURES = datasets.Features(
+    {
+        "index": datasets.Value("int64"),
+        "prompt_ids": IDS,
+        "completion_ids": IDS,
+        "label": datasets.Value("bool"),
+        "kl_completion_ids": IDS,
+    }
+)
+
+
+@dataclass
+class Canonical:
+    """Validated rows of one source, in the canonical form of :mod:`dpo.data.layouts`."""
+
+    source: str
+    unit: str
+    layout: str
+    chat: bool
+    rows: list[dict[str, Any]]
+    bad: list[BadRow]
+
+
+@dataclass
+class PreparedData:
+    """Tokenized data, ready for the reference cache and the trainer.
+
+    Attributes:
+        train: paired rows ``index, prompt_ids, chosen_ids, rejected_ids``, or unpaired rows ``index,
+            prompt_ids, completion_ids, label, kl_completion_ids``; ``index`` is 0..n-1 within the split.
+        eval: the same columns; possibly empty.
+        layout: the layout read (detected or named by the recipe).
+        stats: token statistics (see :class:`dpo.data.stats.TokenStats`).
+        train_fingerprint: a hash of the train split's token ids (equal iff the tokenized data is equal).
+        eval_fingerprint: the same for the eval split.
+    """
+
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    layout: str
+    stats: TokenStats
+    train_fingerprint: str
+    eval_fingerprint: str
+
+
+def prepare_data(
+    data_cfg: Any,
+    tokenizer: Any,
+    *,
+    unpaired: bool,
+    seed: int,
+    log: Callable[[str], None] = print,
+) -> PreparedData:
+    """Read, validate, split and tokenize the recipe's data.
+
+    Args:
+        data_cfg: the recipe's ``data`` section (:class:`dpo.recipe.DataConfig`).
+        tokenizer: the policy's tokenizer (a ``transformers`` tokenizer).
+        unpaired: the loss takes unpaired rows (KTO); pairs are then split into a desirable and an
+            undesirable row each.
+        seed: the recipe's ``train.seed``: fixes the eval split, the unpaired shuffle and KL partners.
+        log: where progress and summaries are printed.
+
+    Returns:
+        The tokenized splits, their fingerprints, the layout and token statistics.
+    """
+    train = read_canonical(data_cfg, data_cfg.train, "data.train", log)
+    if data_cfg.eval is not None:
+        evaluation = read_canonical(data_cfg, data_cfg.eval, "data.eval", log)
+        if (evaluation.layout, evaluation.chat) != (train.layout, train.chat):
+            raise DataError(
+                f"data.eval ({data_cfg.eval}) has layout {evaluation.layout}, but data.train has layout "
+                f"{train.layout}; both must have the same layout"
+            )
+        train_rows, eval_rows = train.rows, evaluation.rows
+    else:
+        evaluation = None
+        train_rows, eval_rows = split_rows(train.rows, data_cfg.eval_fraction, seed, train.source)
+    if train.layout == "unpaired" and not unpaired:
+        raise DataError(
+            f"{train.source} holds unpaired rows (prompt, completion, label); they train only with an unpaired "
+            "loss: set loss.name: kto"
+        )
+    if train.layout == "unpaired":
+        require_both_labels([r["label"] for r in train_rows], train.source)
+
+    template, template_label = resolve_chat_template(data_cfg.chat_template, tokenizer)
+    settings = {
+        "tokenizer": tokenizer_hash(tokenizer),
+        "template": template if train.chat else None,
+        "max_length": data_cfg.max_length,
+        "max_prompt_length": data_cfg.max_prompt_length,
+        "truncation": data_cfg.truncation,
+        "unpaired": unpaired,
+        "seed": seed if unpaired else None,
+    }
+    cache_dir = Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else default_cache_dir()
+    splits = {}
+    for name, rows, canonical in (("train", train_rows, train), ("eval", eval_rows, evaluation or train)):
+        splits[name] = _tokenized_split(
+            name, rows, canonical, tokenizer, data_cfg, settings, template, template_label, cache_dir, log
+        )
+
+    (train_ds, train_meta, train_arrays), (eval_ds, eval_meta, eval_arrays) = splits["train"], splits["eval"]
+    if len(train_ds) == 0:
+        raise DataError(f"{train.source}: no usable rows are left for training")
+    bad_reasons = Counter(b.reason for b in train.bad + (evaluation.bad if evaluation else []))
+    converted = unpaired and train.layout != "unpaired"
+    stats = TokenStats(
+        unit="rows" if train.layout == "unpaired" else "pairs",
+        count=train_meta["count"] + eval_meta["count"],
+        train_count=train_meta["count"],
+        eval_count=eval_meta["count"],
+        prompt_lengths=LengthSummary.of(np.concatenate([train_arrays["prompt"], eval_arrays["prompt"]])),
+        completion_lengths=LengthSummary.of(np.concatenate([train_arrays["completion"], eval_arrays["completion"]])),
+        truncated=train_meta["truncated"] + eval_meta["truncated"],
+        dropped=train_meta["dropped"] + eval_meta["dropped"],
+        max_length=data_cfg.max_length,
+        max_prompt_length=data_cfg.max_prompt_length,
+        truncation=data_cfg.truncation,
+        bad_rows=dict(bad_reasons),
+        unpaired_rows=(len(train_ds), len(eval_ds)) if converted else None,
+    )
+    return PreparedData(
+        train=train_ds,
+        eval=eval_ds,
+        layout=train.layout,
+        stats=stats,
+        train_fingerprint=train_meta["fingerprint"],
+        eval_fingerprint=eval_meta["fingerprint"],
+    )
+
+
+def read_canonical(data_cfg: Any, spec: str, key: str, log: Callable[[str], None]) -> Canonical:
+    """Read one source, detect (or take) its layout, and validate every row into canonical form."""
+    raw = load_rows(spec, split=data_cfg.split, key=key)
+    if data_cfg.max_rows is not None:
+        total = len(raw.rows) + len(raw.bad)
+        raw = raw.head(data_cfg.max_rows)
+        if total > data_cfg.max_rows:
+            log(f"{raw.source}: using the first {data_cfg.max_rows} of {total} rows (data.max_rows)")
+    columns = dict(data_cfg.columns)
+    if columns:
+        check_mapped_columns(raw.column_names(), columns, raw.source)
+    renamed = [(number, rename_columns(row, columns)) for number, row in raw.rows]
+    names = list(dict.fromkeys(name for _, row in renamed for name in row))
+    sample = _sample_row(renamed)
+    if data_cfg.layout == "auto":
+        layout = detect_layout(names, sample, raw.source)
+        log(f"{raw.source}: layout {layout} (detected from the columns {', '.join(names)})")
+    else:
+        layout = data_cfg.layout
+        log(f"{raw.source}: layout {layout} (set by data.layout)")
+    chat = uses_chat(layout, sample)
+
+    rows: list[dict[str, Any]] = []
+    bad = list(raw.bad)
+    for number, row in renamed:
+        try:
+            rows.append({"number": number, **normalise_row(row, layout, chat=chat)})
+        except RowProblem as problem:
+            bad.append(BadRow(raw.source, raw.unit, number, problem.reason, problem.detail))
+    bad.sort(key=lambda b: b.number)
+    handle_bad_rows(bad, data_cfg.on_bad_row, log)
+    if not rows:
+        raise DataError(f"{key}: {raw.source} has no usable rows")
+    return Canonical(raw.source, raw.unit, layout, chat, rows, bad)
+
+
+def _sample_row(rows: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    """A row to read value types from: for each field, its first non-null value."""
+    sample: dict[str, Any] = {}
+    for _, row in rows:
+        for name, value in row.items():
+            if sample.get(name) is None:
+                sample[name] = value
+    return sample
+
+
+def split_rows(
+    rows: list[dict[str, Any]], eval_fraction: float, seed: int, source: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split off ``eval_fraction`` of the rows (at least one when the fraction is positive), seeded.
+
+    Both parts keep the file's order, so a split is reproducible from the file, the fraction and the seed.
+    """
+    n_eval = round(len(rows) * eval_fraction)
+    if eval_fraction > 0:
+        n_eval = max(n_eval, 1)
+    if n_eval >= len(rows):
+        raise DataError(
+            f"{source}: {len(rows)} usable row(s) are too few to split off data.eval_fraction {eval_fraction}; "
+            "add rows, lower data.eval_fraction, or name a separate data.eval"
+        )
+    in_eval = np.zeros(len(rows), dtype=bool)
+    in_eval[np.random.default_rng([seed, 2]).permutation(len(rows))[:n_eval]] = True
+    return [r for r, e in zip(rows, in_eval) if not e], [r for r, e in zip(rows, in_eval) if e]
+
+
+def _tokenized_split(
+    name: str,
+    rows: list[dict[str, Any]],
+    canonical: Canonical,
+    tokenizer: Any,
+    data_cfg: Any,
+    settings: dict[str, Any],
+    template: str | None,
+    template_label: str,
+    cache_dir: Path,
+    log: Callable[[str], None],
+) -> tuple[datasets.Dataset, dict[str, Any], dict[str, np.ndarray]]:
+    key = key_of({**settings, "rows": rows_hash(rows)})
+    cached = load_entry(cache_dir, key)
+    if cached is not None:
+        dataset, meta, arrays = cached
+        dataset._fingerprint = meta["fingerprint"]
+        log(f"{name}: {meta['count']} tokenized {_unit(canonical)} reused from the cache ({cache_dir / key})")
+        return dataset, meta, arrays
+
+    paired = canonical.layout != "unpaired"
+    sides = ("chosen", "rejected") if paired else ("completion",)
+    dataset, meta, arrays = _tokenize(
+        rows, canonical, tokenizer, data_cfg, sides, template, template_label, unpaired=settings["unpaired"],
+        seed=settings["seed"], log=log, name=name, key=key,
+    )
+    save_entry(cache_dir, key, dataset, meta, arrays)
+    return dataset, meta, arrays
+
+
+def _unit(canonical: Canonical) -> str:
+    return "rows" if canonical.layout == "unpaired" else "pairs"
+
+
+def _tokenize(
+    rows: list[dict[str, Any]],
+    canonical: Canonical,
+    tokenizer: Any,
+    data_cfg: Any,
+    sides: tuple[str, ...],
+    template: str | None,
+    template_label: str,
+    *,
+    unpaired: bool,
+    seed: int | None,
+    log: Callable[[str], None],
+    name: str,
+    key: str,
+) -> tuple[datasets.Dataset, dict[str, Any], dict[str, np.ndarray]]:
+    unit = _unit(canonical)
+    if not rows:
+        empty = UNPAIRED_FEATURES if unpaired else PAIRED_FEATURES
+        dataset = datasets.Dataset.from_dict({k: [] for k in empty}, features=empty)
+        meta = {"count": 0, "truncated": 0, "dropped": 0, "fingerprint": content_hash(dataset.data.table)}
+        dataset._fingerprint = meta["fingerprint"]
+        return dataset, meta, {"prompt": np.zeros(0, np.int64), "completion": np.zeros(0, np.int64)}
+
+    log(f"{name}: tokenizing {len(rows)} {unit}")
+    row_tokenizer = RowTokenizer(
+        tokenizer,
+        sides=sides,
+        chat_template=template,
+        template_label=template_label,
+        max_length=data_cfg.max_length,
+        max_prompt_length=data_cfg.max_prompt_length,
+        truncation=data_cfg.truncation,
+        source=canonical.source,
+        unit=canonical.unit,
+    )
+    source = datasets.Dataset.from_list(rows)
+    workers = data_cfg.num_proc if data_cfg.num_proc > 1 and len(rows) >= 2 * data_cfg.num_proc else None
+    mapped = source.map(
+        row_tokenizer,
+        batched=True,
+        num_proc=workers,
+        remove_columns=[c for c in source.column_names if c not in ("number", "label")],
+        features=_map_features(sides, with_label="label" in source.column_names),
+        new_fingerprint=key,
+        desc=f"tokenizing {name}",
+    )
+    columns = mapped.with_format("numpy", columns=["number", "truncated", "dropped", "prompt_length"])[:]
+    dropped = columns["dropped"].astype(bool)
+    if dropped.any():
+        numbers = ", ".join(str(n) for n in columns["number"][dropped][:20])
+        log(
+            f"{name}: dropped {int(dropped.sum())} {unit} whose completion truncation left with no token "
+            f"({canonical.unit}s {numbers}{', ...' if dropped.sum() > 20 else ''} of {canonical.source})"
+        )
+    arrays = {
+        "prompt": columns["prompt_length"].astype(np.int64),
+        "completion": np.concatenate(
+            [mapped.with_format("numpy", columns=[f"{s}_length"])[:][f"{s}_length"] for s in sides]
+        ).astype(np.int64),
+    }
+    kept = mapped.select(np.flatnonzero(~dropped)) if dropped.any() else mapped
+    if not unpaired:
+        dataset = _paired_dataset(kept)
+    else:
+        dataset = _unpaired_dataset(kept, paired=canonical.layout != "unpaired", seed=seed, max_length=data_cfg.max_length)
+    meta = {
+        "count": len(kept),
+        "truncated": int(columns["truncated"].astype(bool).sum()),
+        "dropped": int(dropped.sum()),
+        "fingerprint": content_hash(dataset.with_format("arrow")[:]),
+    }
+    dataset._fingerprint = meta["fingerprint"]
+    return dataset, meta, arrays
+
+
+def _map_features(sides: tuple[str, ...], *, with_label: bool) -> datasets.Features:
+    features = {
+        "number": datasets.Value("int64"),
+        "prompt_ids": IDS,
+        "prompt_length": datasets.Value("int32"),
+        "truncated": datasets.Value("bool"),
+        "dropped": datasets.Value("bool"),
+    }
+    for side in sides:
+        features[f"{side}_ids"] = IDS
+        features[f"{side}_length"] = datasets.Value("int32")
+    if with_label:
+        features["label"] = datasets.Value("bool")
+    return datasets.Features(features)
+
+
+def _paired_dataset(kept: datasets.Dataset) -> datasets.Dataset:
+    columns = kept.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).flatten_indices()
+    return columns.add_column("index", np.arange(len(kept), dtype=np.int64)).cast(PAIRED_FEATURES)
+
+
+def _unpaired_dataset(kept: datasets.Dataset, *, paired: bool, seed: int | None, max_length: int) -> datasets.Dataset:
+    seed = 0 if seed is None else seed
+    if paired:
+        columns = kept.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).to_dict()
+        rows = pairs_to_unpaired(columns["prompt_ids"], columns["chosen_ids"], columns["rejected_ids"], seed)
+    else:
+        rows = kept.select_columns(["prompt_ids", "completion_ids", "label"]).to_dict()
+    rows["kl_completion_ids"] = kl_completions(rows["prompt_ids"], rows["completion_ids"], seed, max_length)
+    rows["index"] = list(range(len(rows["label"])))
+    return datasets.Dataset.from_dict(rows, features=UNPAIRED_FEATURES)
