@@ -51,6 +51,10 @@ class ModelConfig(_Section):
 # ---------------------------------------------------------------------------------------------- data
 
 
+# Canonical column names of preference rows (``data.columns`` keys); dpo.data.layouts uses the same list.
+DATA_COLUMNS = ("prompt", "chosen", "rejected", "completion", "label", "response_a", "response_b", "preference")
+
+
 class DataConfig(_Section):
     """Where the preference data is and how it is turned into token ids."""
 
@@ -68,6 +72,23 @@ class DataConfig(_Section):
     num_proc: int = Field(1, ge=1)
     cache_dir: str | None = None
     max_rows: int | None = Field(None, ge=1)
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(DATA_COLUMNS))
+        if unknown:
+            raise ValueError(
+                f"unknown column name(s) {', '.join(unknown)}: the keys are the names the data path knows "
+                f"({', '.join(DATA_COLUMNS)}), the values your data's column names (e.g. prompt: question)"
+            )
+        preference = [c for c in ("response_a", "response_b", "preference") if c in value]
+        if preference and len(preference) < 3:
+            raise ValueError(
+                "pairs with a preference label need all of response_a, response_b and preference mapped "
+                f"(got only {', '.join(preference)})"
+            )
+        return value
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> DataConfig:
