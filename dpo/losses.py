@@ -22,7 +22,9 @@ simpo   no         yes     yes           mean         β·log πθ(y_c|x)/|y_c|,
 orpo    no         yes     yes           mean         log πθ(y_c|x)/|y_c|, log πθ(y_r|x)/|y_r|
 ======  =========  ======  ============  ===========  ============================================
 
-``rewards/margins`` is chosen − rejected and ``rewards/accuracies`` is 1.0 where chosen > rejected.
+``rewards/margins`` is chosen − rejected and ``rewards/accuracies`` is 1.0 where chosen > rejected, 0.5 on an
+exact tie (a ranker that cannot tell the two apart is right half the time, so an untrained policy scores
+chance, 0.5, not 0) and 0.0 otherwise.
 ``logps/chosen`` and ``logps/rejected`` are the policy's summed log-probs. ORPO also reports
 ``log_odds_ratio`` (the quantity inside its sigmoid). ``nll`` (the length-normalised NLL of the
 chosen completion, −log πθ(y_c|x)/|y_c|) is reported for orpo and whenever ``nll_weight`` > 0.
@@ -545,6 +547,13 @@ def _check_models(
         raise ValueError(f"loss '{loss_name}' is reference-free; pass reference=None")
 
 
+def _ranking_accuracy(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
+    """1.0 where chosen ranks above rejected, 0.5 on an exact tie, 0.0 below; [B], [B] -> [B]."""
+    return (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype) + 0.5 * (
+        chosen_rewards == rejected_rewards
+    ).to(chosen_rewards.dtype)
+
+
 def _paired_output(
     losses: Tensor,
     chosen_rewards: Tensor,
@@ -558,7 +567,7 @@ def _paired_output(
         "rewards/chosen": chosen_rewards,
         "rewards/rejected": rejected_rewards,
         "rewards/margins": chosen_rewards - rejected_rewards,
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype),
+        "rewards/accuracies": _ranking_accuracy(chosen_rewards, rejected_rewards),
         "logps/chosen": _upcast(policy.chosen).detach(),
         "logps/rejected": _upcast(policy.rejected).detach(),
     }

@@ -198,7 +198,6 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
-    eval_batch_size: int | None = Field(None, ge=1)
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
@@ -220,7 +219,11 @@ class TrainConfig(_Section):
 
 
 class ReferenceConfig(_Section):
-    """How reference log-probs are computed (once, before training)."""
+    """How reference log-probs are computed (once, before training).
+
+    ``batch_size`` is the batch of every no-grad pass: the reference precompute and evaluation (which batch
+    the same way, so an untrained policy reproduces the reference exactly).
+    """
 
     model_path: str | None = None
     batch_size: int = Field(16, ge=1)

@@ -836,9 +836,9 @@ def test_compute_checks_reference_presence_and_batch_kind():
         get_loss("ipo").compute(unpaired, unpaired, SAMPLE_OPTIONS["ipo"])
 
 
-def test_tied_rewards_do_not_count_as_accurate():
-    # policy == reference ⇒ β·Δc = β·Δr = 0: accuracy needs chosen strictly ahead, so it is 0.
+def test_tied_rewards_count_half():
+    # policy == reference ⇒ β·Δc = β·Δr = 0: an exact tie is right half the time, so accuracy is 0.5 (chance).
     policy, _ = random_policy_and_reference(batch=3, seed=10)
     output = get_loss("dpo").compute(policy, policy, {"beta": 0.1, "label_smoothing": 0.0, "nll_weight": 0.0})
-    close(output.metrics["rewards/accuracies"], 0.0, 0.0, 0.0)
+    close(output.metrics["rewards/accuracies"], 0.5, 0.5, 0.5)
     close(output.losses, *[math.log(2.0)] * 3)

@@ -1,0 +1,111 @@
+"""Command line: ``dpo-train RECIPE [--set key.path=value ...] [--dry-run]``.
+
+The CLI is thin: it loads the recipe, applies overrides and hands over to the module that does the work.
+A first argument that is not a command name is a recipe, so ``dpo-train recipe.yaml`` means
+``dpo-train train recipe.yaml``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dpo.recipe import Recipe, RecipeError, load_recipe
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Offline preference optimization (DPO, IPO, KTO, ...) on LoRA/QLoRA adapters.")
+
+@app.callback()
+def _root() -> None:
+    """Offline preference optimization (DPO, IPO, KTO, ...) on LoRA/QLoRA adapters.
+
+    `dpo-train RECIPE` trains; `dpo-train COMMAND --help` explains a command.
+    """
+
+
+RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe (see recipes/ for examples).", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", metavar="KEY.PATH=VALUE",
+                 help="Override one recipe value, e.g. --set loss.beta=0.2 --set train.max_steps=50. "
+                      "Values are read as YAML. Repeatable."),
+]
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that mean bad input (shown as one clear message, no traceback)."""
+    from dpo.data import DataError
+    from dpo.model import ModelError
+
+    return RecipeError, ModelError, DataError
+
+
+def _load(recipe: Path, overrides: list[str] | None) -> Recipe:
+    try:
+        return load_recipe(recipe, overrides or [])
+    except RecipeError as exc:
+        _fail(str(exc))
+
+
+@app.command("train")
+def train_command(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the recipe, load the tokenizer and data, "
+                                          "print the resolved recipe and token statistics; do not train.")] = False,
+) -> None:
+    """Train a LoRA adapter with the recipe's loss (the default command: `dpo-train RECIPE`).
+
+    Other commands: run `dpo-train COMMAND --help` for `train`.
+    """
+    loaded = _load(recipe, set_)
+    try:
+        if dry_run:
+            dry_run_report(loaded)
+            return
+        from dpo.trainer import train
+
+        train(loaded, log=typer.echo)
+    except _user_errors() as exc:
+        _fail(str(exc))
+
+
+def dry_run_report(recipe: Recipe) -> None:
+    """Print the resolved recipe and what the data looks like once tokenized."""
+    from dpo.data import prepare_data
+    from dpo.losses import get_loss
+    from dpo.model import load_tokenizer
+
+    typer.echo("# resolved recipe")
+    typer.echo(recipe.to_yaml())
+    spec = get_loss(recipe.loss.name)
+    tokenizer = load_tokenizer(recipe.model)
+    data = prepare_data(recipe.data, tokenizer, unpaired=not spec.paired, seed=recipe.train.seed, log=typer.echo)
+    typer.echo(f"# data (layout: {data.layout})")
+    typer.echo(data.stats.format())
+    typer.echo(f"train examples: {len(data.train)}, eval examples: {len(data.eval)}")
+    typer.echo("dry run: nothing was trained")
+
+
+COMMANDS = {"train"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``dpo-train`` script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    commands = {c.name or c.callback.__name__ for c in app.registered_commands} | COMMANDS
+    if args and args[0] not in commands:
+        args = ["train", *args]
+    app(args=args, prog_name="dpo-train")
+
+
+if __name__ == "__main__":
+    main()
