@@ -104,7 +104,12 @@ def main(argv: list[str] | None = None) -> None:
     commands = {c.name or c.callback.__name__ for c in app.registered_commands} | COMMANDS
     if args and args[0] not in commands:
         args = ["train", *args]
-    app(args=args, prog_name="dpo-train")
+    try:
+        app(args=args, prog_name="dpo-train")
+    except SystemExit as exc:
+        # click ends every run with SystemExit; only a failure should leave the function that way.
+        if exc.code not in (0, None):
+            raise
 
 
 if __name__ == "__main__":

@@ -1,0 +1,64 @@
+"""The command line: help, dry run, overrides and clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from dpo.cli import main
+from tests.helpers import build_tiny_model, write_pairs, write_recipe
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dpo.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_explains_each_option():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for option in ("RECIPE", "--set", "--dry-run"):
+        assert option in result.stdout
+
+
+def test_dry_run_prints_resolved_recipe_and_token_statistics(tmp_path, capsys):
+    model = build_tiny_model(tmp_path / "model")
+    train, eval_ = write_pairs(tmp_path / "data", train=20, eval=10)
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "model": {"path": str(model)},
+        "data": {"train": str(train), "eval": str(eval_), "max_length": 64, "max_prompt_length": 48},
+        "output": {"dir": str(tmp_path / "out")},
+    })
+    main([str(recipe), "--dry-run", "--set", "loss.beta=0.3"])
+    printed = capsys.readouterr().out
+    assert "beta: 0.3" in printed  # the resolved recipe, override applied
+    assert "max_prompt_length: 48" in printed
+    assert "p50" in printed and "truncated" in printed and "dropped" in printed
+    assert "train examples: 20" in printed and "eval examples: 10" in printed
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_bad_recipe_is_one_clear_error_without_traceback(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", {"model": {"path": "m"}, "data": {"train": "t"},
+                                                "output": {"dir": "o"}, "loss": {"name": "ipo", "gamma": 1}})
+    result = run_cli(str(recipe))
+    assert result.returncode == 2
+    assert "loss.gamma" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_override_of_unknown_key_is_named(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", {"model": {"path": "m"}, "data": {"train": "t"}, "output": {"dir": "o"}})
+    with pytest.raises(SystemExit) as info:
+        main([str(recipe), "--dry-run", "--set", "train.learning_rate=1"])
+    assert info.value.code == 2
+
+
+def test_missing_data_file_is_a_clear_error(tmp_path):
+    model = build_tiny_model(tmp_path / "model")
+    recipe = write_recipe(tmp_path / "r.yaml", {"model": {"path": str(model)},
+                                                "data": {"train": str(tmp_path / "absent.jsonl")},
+                                                "output": {"dir": str(tmp_path / "out")}})
+    result = run_cli(str(recipe), "--dry-run")
+    assert result.returncode == 2
+    assert "absent.jsonl" in result.stderr and "Traceback" not in result.stderr
