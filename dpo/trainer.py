@@ -112,7 +112,11 @@ def evaluate(model, loader: DataLoader, loss_fn, device) -> dict[str, float]:
         out = loss_fn(model, batch, "eval")
         window.add({"loss": out.losses, **out.metrics})
     model.train(was_training)
-    return window.means()
+    means = window.means()
+    if "rewards/desirable" in means and "rewards/undesirable" in means:
+        # Unpaired losses have no pairs to rank; the gap between the two kinds plays that role.
+        means["rewards/gap"] = means["rewards/desirable"] - means["rewards/undesirable"]
+    return means
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -184,7 +188,9 @@ def preference_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
     def loss_fn(model, batch, split):
         return batch_loss(model, batch, spec, options, references[split], settings)
 
-    return TrainSetup(policy, tokenizer, data.train, data.eval, collate, loss_fn, drop_last=not spec.paired)
+    headline = (("rewards/accuracies", "held-out preference accuracy") if spec.paired
+                else ("rewards/gap", "held-out reward gap, desirable minus undesirable"))
+    return TrainSetup(policy, tokenizer, data.train, data.eval, collate, loss_fn, headline, drop_last=not spec.paired)
 
 
 # ------------------------------------------------------------------------------------------ the loop

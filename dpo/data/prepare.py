@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -269,8 +270,21 @@ def _tokenized_split(
         rows, canonical, tokenizer, data_cfg, sides, template, template_label, unpaired=settings["unpaired"],
         seed=settings["seed"], log=log, name=name, key=key,
     )
-    save_entry(cache_dir, key, dataset, meta, arrays)
+    with _quiet_datasets():
+        save_entry(cache_dir, key, dataset, meta, arrays)
     return dataset, meta, arrays
+
+
+@contextmanager
+def _quiet_datasets():
+    """Silence datasets' bookkeeping progress bars (flatten, cast, save); tokenization keeps its own bar."""
+    was_enabled = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
 
 
 def _unit(canonical: Canonical) -> str:
@@ -338,10 +352,12 @@ def _tokenize(
         ).astype(np.int64),
     }
     kept = mapped.select(np.flatnonzero(~dropped)) if dropped.any() else mapped
-    if not unpaired:
-        dataset = _paired_dataset(kept)
-    else:
-        dataset = _unpaired_dataset(kept, paired=canonical.layout != "unpaired", seed=seed, max_length=data_cfg.max_length)
+    with _quiet_datasets():
+        if not unpaired:
+            dataset = _paired_dataset(kept)
+        else:
+            dataset = _unpaired_dataset(kept, paired=canonical.layout != "unpaired", seed=seed,
+                                        max_length=data_cfg.max_length)
     meta = {
         "count": len(kept),
         "truncated": int(columns["truncated"].astype(bool).sum()),
