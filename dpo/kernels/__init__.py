@@ -96,7 +96,13 @@ def token_logprobs(
 
     use_triton = impl == "triton" or (impl == "auto" and hidden.is_cuda)
     if use_triton:
-        from .triton_logprobs import triton_token_logprobs
+        try:
+            from .triton_logprobs import triton_token_logprobs
+        except ImportError as err:
+            raise RuntimeError(
+                "token_logprobs: impl='triton' needs the triton package (pip install 'dpo-train[gpu]'); "
+                f"it could not be imported: {err}"
+            ) from err
 
         kept_logprobs = triton_token_logprobs(
             kept_hidden, head, kept_targets, softcap=softcap, chunk_size=chunk_size
