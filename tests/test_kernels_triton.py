@@ -84,6 +84,21 @@ def make_inputs(num_tokens, hidden_size, vocab_size, seed=0, every_masked=4):
     return hidden, weight, targets, torch.randn(num_tokens, generator=gen)
 
 
+def peaked_inputs(num_tokens, hidden_size, vocab_size, dtype, seed=0, device="cuda"):
+    """LM-like logits (std about 3; 60% of tokens point toward their target), 1 position in 7 masked."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    weight = torch.randn(vocab_size, hidden_size, device=device, generator=gen) / math.sqrt(hidden_size)
+    hidden = 3.0 * torch.randn(num_tokens, hidden_size, device=device, generator=gen)
+    targets = torch.randint(vocab_size, (num_tokens,), device=device, generator=gen)
+    peaked = torch.rand(num_tokens, device=device, generator=gen) < 0.6
+    boost = 8.0 + 12.0 * torch.rand(num_tokens, device=device, generator=gen)
+    direction = weight[targets] / weight[targets].square().sum(dim=1, keepdim=True)
+    hidden = hidden + (peaked * boost)[:, None] * direction
+    targets[torch.rand(num_tokens, device=device, generator=gen) < 1 / 7] = IGNORE
+    upstream = torch.randn(num_tokens, device=device, generator=gen)
+    return hidden.to(dtype), weight.to(dtype), targets, upstream
+
+
 # ------------------------------------------------------------------------- chunk-size arithmetic
 
 
@@ -242,6 +257,34 @@ def test_same_function_as_the_torch_path_without_grad():
     torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-6)
 
 
+@interpreter_only
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("trainable", [False, True])
+def test_bf16_numerics_of_the_gpu_path(monkeypatch, softcap, trainable):
+    # On CUDA the head stays bf16: logits come out of a bf16 matmul in float32, onehot - softmax is
+    # stored in bf16 for the next matmul, and gradients return in bf16. Emulated here by keeping the head
+    # bf16 and multiplying in float32 (as cuBLAS accumulates), on LM-like peaked inputs: the errors
+    # against float64 on the same bf16 inputs must stay within the CUDA tests' 3e-3.
+    monkeypatch.setattr(tlp, "matmul_operand", lambda weight: weight)
+    monkeypatch.setattr(tlp, "float32_matmul", lambda a, b: a.float() @ b.float())
+    monkeypatch.setattr(tlp, "MAX_BLOCK", 512)
+    hidden, weight, targets, upstream = peaked_inputs(96, 64, 2000, torch.bfloat16, device="cpu")
+    hidden.requires_grad_()
+    weight.requires_grad_(trainable)
+    values = token_logprobs(hidden, weight, targets, softcap=softcap, chunk_size=40, impl="triton")
+    inputs = (hidden, weight) if trainable else (hidden,)
+    grads = torch.autograd.grad(values, inputs, upstream)
+    ref_values, ref_grad_hidden, ref_grad_weight = reference_with_grads(
+        hidden, weight, targets, upstream, softcap
+    )
+
+    assert grads[0].dtype == torch.bfloat16
+    assert rel_error(values, ref_values) < 1e-5
+    assert rel_error(grads[0], ref_grad_hidden) <= 3e-3
+    if trainable:
+        assert rel_error(grads[1], ref_grad_weight) <= 5e-3
+
+
 @parent_only
 def test_triton_on_cpu_without_the_interpreter_is_refused():
     assert not tlp.is_interpreted()
@@ -250,21 +293,6 @@ def test_triton_on_cpu_without_the_interpreter_is_refused():
 
 
 # ------------------------------------------------------------------------------------- CUDA
-
-
-def peaked_inputs(num_tokens, hidden_size, vocab_size, dtype, seed=0):
-    """LM-like logits (std about 3; 60% of tokens point toward their target), 1 position in 7 masked."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    weight = torch.randn(vocab_size, hidden_size, device="cuda", generator=gen) / math.sqrt(hidden_size)
-    hidden = 3.0 * torch.randn(num_tokens, hidden_size, device="cuda", generator=gen)
-    targets = torch.randint(vocab_size, (num_tokens,), device="cuda", generator=gen)
-    peaked = torch.rand(num_tokens, device="cuda", generator=gen) < 0.6
-    boost = 8.0 + 12.0 * torch.rand(num_tokens, device="cuda", generator=gen)
-    direction = weight[targets] / weight[targets].square().sum(dim=1, keepdim=True)
-    hidden = hidden + (peaked * boost)[:, None] * direction
-    targets[torch.rand(num_tokens, device="cuda", generator=gen) < 1 / 7] = IGNORE
-    upstream = torch.randn(num_tokens, device="cuda", generator=gen)
-    return hidden.to(dtype), weight.to(dtype), targets, upstream
 
 
 @cuda_only

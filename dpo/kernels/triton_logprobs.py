@@ -96,6 +96,7 @@ def _logit_grad_kernel(
     softcap,
     HAS_SOFTCAP: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    ROUND_TO_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """grad = scale * (onehot(target) - softmax(z)) * softcap slope, for one block of one row.
@@ -117,6 +118,12 @@ def _logit_grad_kernel(
         grad = grad * (1.0 - capped * capped)
     if HAS_SCALE:
         grad = grad * tl.load(scale_ptr + row)
+    if ROUND_TO_BF16:
+        # Round to nearest even on the float32 bits, so the cast below is exact everywhere: the GPU would
+        # round by itself, but the interpreter truncates, and the CPU tests should see the GPU's numbers.
+        bits = grad.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        grad = bits.to(tl.float32, bitcast=True)
     tl.store(grad_ptr + row * grad_row_stride + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
@@ -167,6 +174,7 @@ def _launch_logit_grad(
         softcap or 1.0,
         HAS_SOFTCAP=softcap is not None,
         HAS_SCALE=scale is not None,
+        ROUND_TO_BF16=grad.dtype == torch.bfloat16,
         BLOCK=block,
         num_warps=NUM_WARPS,
     )
