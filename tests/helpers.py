@@ -26,7 +26,14 @@ def build_tiny_model(directory: str | Path, arch: str = "llama", *, vocab_size: 
         hidden_size: width of the tiny model.
         seed: weight initialisation seed.
     """
-    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     directory = Path(directory)
     tokenizer = build_tokenizer()

@@ -29,8 +29,10 @@ def test_valid_recipe_round_trips(tmp_path):
 
 
 def test_recipe_is_frozen():
+    from pydantic import ValidationError
+
     recipe = recipe_from_dict(MINIMAL)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         recipe.train.lr = 1.0  # type: ignore[misc]
 
 
