@@ -44,8 +44,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean bad input (shown as one clear message, no traceback)."""
     from dpo.data import DataError
     from dpo.model import ModelError
+    from dpo.reference_setup import ReferenceMismatchError
 
-    return RecipeError, ModelError, DataError
+    return RecipeError, ModelError, DataError, ReferenceMismatchError
 
 
 def _load(recipe: Path, overrides: list[str] | None) -> Recipe:
@@ -55,25 +56,65 @@ def _load(recipe: Path, overrides: list[str] | None) -> Recipe:
         _fail(str(exc))
 
 
+PrecomputeOpt = Annotated[bool, typer.Option(
+    "--precompute-only", help="Fill the reference log-prob cache and stop (same as `dpo-train cache RECIPE`).")]
+VerifyOpt = Annotated[int | None, typer.Option(
+    "--verify-reference", metavar="K", min=1, show_default=False,
+    help="Recompute K random cached reference examples at start-up; stop with an error if any differs beyond "
+         "tolerance (same as --set reference.verify=K).")]
+
+
+def _with_verify(overrides: list[str] | None, verify: int | None) -> list[str]:
+    return [*(overrides or []), *([f"reference.verify={verify}"] if verify is not None else [])]
+
+
+def _precompute(recipe: Recipe) -> None:
+    from dpo.reference_setup import precompute_references
+
+    paths = precompute_references(recipe, log=typer.echo)
+    for split, path in paths.items():
+        typer.echo(f"reference cache ({split}): {path}")
+
+
 @app.command("train")
 def train_command(
     recipe: RecipeArg,
     set_: SetOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the recipe, load the tokenizer and data, "
                                           "print the resolved recipe and token statistics; do not train.")] = False,
+    precompute_only: PrecomputeOpt = False,
+    verify_reference: VerifyOpt = None,
 ) -> None:
     """Train a LoRA adapter with the recipe's loss (the default command: `dpo-train RECIPE`).
 
     Other commands: run `dpo-train COMMAND --help` for `train`.
     """
-    loaded = _load(recipe, set_)
+    loaded = _load(recipe, _with_verify(set_, verify_reference))
     try:
         if dry_run:
             dry_run_report(loaded)
             return
+        if precompute_only:
+            _precompute(loaded)
+            return
         from dpo.trainer import train
 
         train(loaded, log=typer.echo)
+    except _user_errors() as exc:
+        _fail(str(exc))
+
+
+@app.command("cache")
+def cache_command(recipe: RecipeArg, set_: SetOpt = None, verify_reference: VerifyOpt = None) -> None:
+    """Compute the recipe's reference log-probs into the cache without training.
+
+    Files are named by a fingerprint of the reference model, its dtype and quantization, the reference
+    adapter and the tokenized data, so a later `dpo-train RECIPE` (on this machine, or on another one
+    given the same cache folder) finds them without running the reference model.
+    """
+    loaded = _load(recipe, _with_verify(set_, verify_reference))
+    try:
+        _precompute(loaded)
     except _user_errors() as exc:
         _fail(str(exc))
 

@@ -219,14 +219,21 @@ class TrainConfig(_Section):
 
 
 class ReferenceConfig(_Section):
-    """How reference log-probs are computed (once, before training).
+    """How reference log-probs are computed (once per fingerprint, kept in a cache folder).
 
     ``batch_size`` is the batch of every no-grad pass: the reference precompute and evaluation (which batch
-    the same way, so an untrained policy reproduces the reference exactly).
+    the same way, so an untrained policy reproduces the reference exactly); a precompute batch that runs out
+    of accelerator memory is halved. ``model_path`` names a separate reference model and ``adapter`` a LoRA
+    adapter applied to the reference (to ``model_path``, or else to ``model.path``). ``cache_dir`` defaults
+    to ``$XDG_CACHE_HOME/dpo-train/reference`` (``~/.cache`` when unset). ``verify`` recomputes that many
+    random cached examples at start-up and stops the run if any differs beyond tolerance.
     """
 
     model_path: str | None = None
+    adapter: str | None = None
     batch_size: int = Field(16, ge=1)
+    cache_dir: str | None = None
+    verify: int = Field(0, ge=0)
 
 
 # --------------------------------------------------------------------------------------------- output

@@ -30,7 +30,8 @@ from dpo.model import (
     sequence_logprobs,
 )
 from dpo.recipe import Recipe, TrainConfig
-from dpo.reference import ReferenceLogps, compute_reference_logps, length_sorted_batches
+from dpo.reference import ReferenceLogps, length_sorted_batches
+from dpo.reference_setup import reference_logps
 
 Log = Callable[[str], None]
 
@@ -180,8 +181,7 @@ def preference_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
     # Reference log-probs, once, before any training step; the step only looks them up.
     reference_train = reference_eval = None
     if spec.needs_reference:
-        reference_train, reference_eval = compute_references(recipe, policy, data.train, data.eval, collate,
-                                                             settings, device, log)
+        reference_train, reference_eval = compute_references(recipe, policy, data, collate, settings, device, log)
 
     references = {"train": reference_train, "eval": reference_eval}
 
@@ -296,34 +296,9 @@ def train(recipe: Recipe, log: Log = print) -> dict[str, dict[str, float]]:
     return summary
 
 
-def compute_references(recipe: Recipe, policy, train_rows, eval_rows, collate, settings: LogprobSettings,
+def compute_references(recipe: Recipe, policy, data, collate, settings: LogprobSettings,
                        device, log: Log) -> tuple[ReferenceLogps, ReferenceLogps]:
-    """Reference log-probs for both splits: a separate model if the recipe names one, else the policy's
-    base with the adapter disabled."""
-    batch_size = recipe.reference.batch_size
-    if recipe.reference.model_path is not None:
-        reference_model = load_base_model(recipe.model, path=recipe.reference.model_path, device=device)
-        reference_model.eval()
-
-        def logp_fn(batch):
-            return sequence_logprobs(reference_model, batch["input_ids"], batch["attention_mask"],
-                                     batch["labels"], settings)
-
-        results = tuple(compute_reference_logps(rows, collate, logp_fn, batch_size, device, f"reference ({name})", log)
-                        for name, rows in (("train", train_rows), ("eval", eval_rows)))
-        del reference_model
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return results
-
-    def adapter_off_logp_fn(batch):
-        with policy.disable_adapter():
-            return sequence_logprobs(policy, batch["input_ids"], batch["attention_mask"], batch["labels"], settings)
-
-    was_training = policy.training
-    policy.eval()
-    results = tuple(compute_reference_logps(rows, collate, adapter_off_logp_fn, batch_size, device,
-                                            f"reference ({name})", log)
-                    for name, rows in (("train", train_rows), ("eval", eval_rows)))
-    policy.train(was_training)
-    return results
+    """Reference log-probs for both splits through the on-disk cache (``dpo.reference_setup``): read on a
+    hit, without loading or running anything; computed on a miss by a separate model if the recipe names
+    one (loaded only meanwhile), else by the policy's base with the adapter disabled."""
+    return reference_logps(recipe, data, collate, settings, device, log, policy=policy)
