@@ -289,10 +289,12 @@ def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool, log: Log
         write_text_atomic(out_dir / MARKER, json.dumps(marker) + "\n")
 
 
-def rewind_metrics(path: Path, step: int) -> int:
-    """Drop metric records written after ``step`` (by the run a resume continues); returns how many.
+def rewind_metrics(path: Path, step: int, final: bool = False) -> int:
+    """Drop the metric records that the checkpoint of ``step`` had not seen; returns how many.
 
-    A record cut short by a crash (the last line, not valid JSON) is dropped too.
+    Those are the records after ``step``, a record cut short by a crash (a last line that is not valid
+    JSON), and, when ``step`` is the run's last (``final``), the closing evaluation at ``step``, which is
+    written after that checkpoint and which the resumed run writes again.
     """
     if not path.is_file():
         return 0
@@ -301,12 +303,16 @@ def rewind_metrics(path: Path, step: int) -> int:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
             dropped += 1
             continue
-        if isinstance(record, dict) and record.get("step", 0) <= step:
-            kept.append(line)
-        else:
+        written_after = record.get("step", 0) > step or (final and record.get("step") == step
+                                                          and record.get("split") == "eval")
+        if written_after:
             dropped += 1
+        else:
+            kept.append(line)
     if dropped:
         write_text_atomic(path, "".join(f"{line}\n" for line in kept))
     return dropped

@@ -42,11 +42,12 @@ def _fail(message: str) -> None:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean bad input (shown as one clear message, no traceback)."""
+    from dpo.checkpoint import CheckpointError
     from dpo.data import DataError
     from dpo.model import ModelError
     from dpo.reference_setup import ReferenceMismatchError
 
-    return RecipeError, ModelError, DataError, ReferenceMismatchError
+    return RecipeError, ModelError, DataError, CheckpointError, ReferenceMismatchError
 
 
 def _load(recipe: Path, overrides: list[str] | None) -> Recipe:
@@ -82,6 +83,14 @@ def train_command(
     set_: SetOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the recipe, load the tokenizer and data, "
                                           "print the resolved recipe and token statistics; do not train.")] = False,
+    resume: Annotated[str | None, typer.Option(
+        "--resume", metavar="[PATH]", show_default=False,
+        help="Continue from the latest complete checkpoint in output.dir, or from the checkpoint folder PATH "
+             "(put it after RECIPE). Refused when a setting that changes the result differs.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="With --resume: resume even though settings that "
+                                        "change the result differ from the checkpoint's (listed as a warning).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start afresh in a non-empty output.dir, deleting "
+                                            "a previous run's outputs there (nothing else).")] = False,
     precompute_only: PrecomputeOpt = False,
     verify_reference: VerifyOpt = None,
 ) -> None:
@@ -97,9 +106,14 @@ def train_command(
         if precompute_only:
             _precompute(loaded)
             return
+        from dpo.checkpoint import TrainingStopped
         from dpo.trainer import train
 
-        train(loaded, log=typer.echo)
+        try:
+            train(loaded, log=typer.echo, resume=resume, force=force, overwrite=overwrite)
+        except TrainingStopped as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code=exc.exit_code) from None
     except _user_errors() as exc:
         _fail(str(exc))
 
@@ -139,12 +153,26 @@ def dry_run_report(recipe: Recipe) -> None:
 COMMANDS = {"train"}
 
 
+def resume_latest_when_bare(args: list[str]) -> list[str]:
+    """``--resume`` takes an optional PATH: alone (last, or before another option or the recipe) it means
+    the latest checkpoint, spelled ``--resume latest`` for the parser, which wants a value."""
+    out = []
+    for position, arg in enumerate(args):
+        out.append(arg)
+        following = args[position + 1] if position + 1 < len(args) else None
+        if arg == "--resume" and (following is None or following.startswith("-")
+                                  or following.endswith((".yaml", ".yml"))):
+            out.append("latest")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``dpo-train`` script."""
     args = list(sys.argv[1:] if argv is None else argv)
     commands = {c.name or c.callback.__name__ for c in app.registered_commands} | COMMANDS
     if args and args[0] not in commands:
         args = ["train", *args]
+    args = resume_latest_when_bare(args)
     try:
         app(args=args, prog_name="dpo-train")
     except SystemExit as exc:

@@ -191,7 +191,12 @@ LOSS_CONFIGS: dict[str, type[_Loss]] = {
 
 
 class TrainConfig(_Section):
-    """Optimisation settings. A step is one optimizer step (``batch_size * grad_accum`` pairs)."""
+    """Optimisation settings. A step is one optimizer step (``batch_size * grad_accum`` pairs).
+
+    Checkpoints (``output.dir/checkpoints``) are written every ``save_every`` steps (null: only at the end
+    and on SIGINT/SIGTERM), the ``keep_last`` newest kept. A step whose loss or gradient norm is not finite
+    is skipped; ``max_bad_steps`` such steps in a row stop the run.
+    """
 
     seed: int = 0
     epochs: int = Field(1, ge=1)
@@ -208,7 +213,7 @@ class TrainConfig(_Section):
     loss_scaler: bool = False
     log_every: int = Field(10, ge=1)
     eval_every: int | None = Field(None, ge=1)
-    save_every: int | None = Field(None, ge=1)
+    save_every: int | None = Field(200, ge=1)
     keep_last: int = Field(2, ge=1)
     max_bad_steps: int = Field(5, ge=1)
     logprob_impl: Literal["auto", "torch", "triton"] = "auto"

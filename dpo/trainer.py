@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,10 +17,30 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import yaml
 from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from dpo.checkpoint import (
+    LoopState,
+    StopSignals,
+    TooManyBadSteps,
+    TrainingInterrupted,
+    capture_rng,
+    check_resume,
+    find_checkpoint,
+    prepare_output_dir,
+    recipe_differences,
+    restore_checkpoint,
+    rewind_metrics,
+    run_differences,
+    run_record,
+    save_checkpoint,
+    tensor_fingerprint,
+    version_notes,
+    write_text_atomic,
+)
 from dpo.data import collate_paired, collate_unpaired, kto_balance_warning, prepare_data
 from dpo.losses import LossOutput, LossSpec, PairedLogps, UnpairedLogps, get_loss
 from dpo.model import (
@@ -147,6 +168,8 @@ class TrainSetup:
             precomputed values to look up).
         headline: metric printed before and after training, with its label.
         drop_last: whether the last short training batch is dropped (losses whose estimate needs full batches).
+        fingerprints: content hashes of what the run was built from (tokenized data, reference log-probs);
+            a checkpoint records them and a resume must match them.
     """
 
     model: torch.nn.Module
@@ -157,6 +180,7 @@ class TrainSetup:
     loss_fn: Callable[[torch.nn.Module, dict[str, Tensor], str], LossOutput]
     headline: tuple[str, str] = ("rewards/accuracies", "held-out preference accuracy")
     drop_last: bool = False
+    fingerprints: dict[str, str] = field(default_factory=dict)
 
 
 def preference_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
@@ -184,28 +208,85 @@ def preference_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
         reference_train, reference_eval = compute_references(recipe, policy, data, collate, settings, device, log)
 
     references = {"train": reference_train, "eval": reference_eval}
+    fingerprints = {"data.train": data.train_fingerprint, "data.eval": data.eval_fingerprint}
+    for split, values in references.items():
+        if values is not None:
+            fingerprints[f"reference.{split}"] = tensor_fingerprint(values.first, values.second,
+                                                                    values.first_tokens, values.second_tokens)
 
     def loss_fn(model, batch, split):
         return batch_loss(model, batch, spec, options, references[split], settings)
 
     headline = (("rewards/accuracies", "held-out preference accuracy") if spec.paired
                 else ("rewards/gap", "held-out reward gap, desirable minus undesirable"))
-    return TrainSetup(policy, tokenizer, data.train, data.eval, collate, loss_fn, headline, drop_last=not spec.paired)
+    return TrainSetup(policy, tokenizer, data.train, data.eval, collate, loss_fn, headline, drop_last=not spec.paired,
+                      fingerprints=fingerprints)
 
 
 # ------------------------------------------------------------------------------------------ the loop
 
 
-def train(recipe: Recipe, log: Log = print) -> dict[str, dict[str, float]]:
-    """Train a LoRA adapter as the recipe says; returns eval metrics before and after training."""
+def epoch_batches(num_rows: int, batch_size: int, seed: int, epoch: int, drop_last: bool) -> list[list[int]]:
+    """Row positions of every micro-batch of one epoch, in order.
+
+    The shuffle depends only on ``(seed, epoch)``, so a resumed run rebuilds the order from its
+    checkpointed position instead of replaying a data loader's hidden state.
+    """
+    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    batches = [order[i : i + batch_size] for i in range(0, num_rows, batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+def count_step(loop: LoopState, losses: list[float], applied: bool, scaler_active: bool, log: Log) -> None:
+    """Update the bad-step counters after a step and report a skipped one with its real values."""
+    if applied:
+        loop.consecutive_bad_steps = 0
+        return
+    loss = sum(losses) / len(losses)
+    if scaler_active and math.isfinite(loss):
+        # fp16 gradients overflowed: the loss scaler skipped the update and lowered its scale, as designed.
+        loop.scaler_overflows += 1
+        log(f"step {loop.step}: fp16 gradient overflow (grad_norm={loop.grad_norm}); the loss scaler skipped "
+            "the update and lowered its scale")
+        return
+    loop.bad_steps += 1
+    loop.consecutive_bad_steps += 1
+    log(f"warning: step {loop.step}: non-finite loss or gradient norm (loss={loss}, grad_norm={loop.grad_norm}); "
+        f"optimizer step skipped ({loop.consecutive_bad_steps} in a row, {loop.bad_steps} in all)")
+
+
+def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None = None, force: bool = False,
+          overwrite: bool = False) -> dict[str, dict[str, float]]:
+    """Train a LoRA adapter as the recipe says; returns eval metrics before and after training.
+
+    Args:
+        recipe: the run.
+        log: where messages go.
+        resume: continue from a checkpoint: True (or "latest") for the output directory's latest one, or
+            a checkpoint folder; None starts afresh.
+        force: resume even where settings that change the result differ from the checkpoint's (warned).
+        overwrite: start afresh in an output directory that is not empty (a previous run's outputs are
+            deleted, nothing else).
+
+    Raises:
+        CheckpointError: the output directory is refused, or the checkpoint is damaged or does not match.
+        TrainingInterrupted: SIGINT/SIGTERM; the current step was finished and a checkpoint written.
+        TooManyBadSteps: ``train.max_bad_steps`` steps in a row were non-finite; the last good checkpoint stays.
+    """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
 
     cfg = recipe.train
     out_dir = Path(recipe.output.dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-    metrics_path = out_dir / "metrics.jsonl"
+    recipe_tree = yaml.safe_load(recipe.to_yaml())
+
+    # 0. Output directory and the checkpoint to resume from, checked before anything slow.
+    prepare_output_dir(out_dir, resume=bool(resume), overwrite=overwrite, log=log)
+    checkpoint = find_checkpoint(out_dir, resume) if resume else None
+    if checkpoint is not None:
+        check_resume(recipe_differences(checkpoint.run, recipe_tree), checkpoint, force, log)
     set_seed(cfg.seed)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
                               mixed_precision="fp16" if cfg.loss_scaler else "no")
@@ -214,84 +295,160 @@ def train(recipe: Recipe, log: Log = print) -> dict[str, dict[str, float]]:
     # 1. Data, model and loss for the recipe's task.
     setup = preference_setup(recipe, device, log)
     model, loss_fn = setup.model, setup.loss_fn
+    run = run_record(recipe_tree, setup.fingerprints, accelerator.num_processes)
+    if checkpoint is not None:
+        check_resume(run_differences(checkpoint.run, run), checkpoint, force, log)
+        for note in version_notes(checkpoint.run, run):
+            log(f"warning: resuming with {note}; the result may differ in the last bits")
+    write_text_atomic(out_dir / "recipe.yaml", recipe.to_yaml())
+    metrics_path = out_dir / "metrics.jsonl"
 
-    # 2. Optimizer, schedule, loaders.
-    params = [p for p in model.parameters() if p.requires_grad]
+    # 2. Optimizer, schedule, data order.
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    param_names, params = [name for name, _ in trainable], [p for _, p in trainable]
     optimizer = build_optimizer(params, cfg)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(setup.train_rows, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-                              collate_fn=setup.collate, drop_last=setup.drop_last)
-    # Evaluation batches the held-out rows exactly as the reference precompute does, so an untrained
-    # policy reproduces the reference bit for bit (margins exactly 0, accuracy exactly chance).
-    eval_loader = DataLoader(setup.eval_rows, collate_fn=setup.collate,
-                             batch_sampler=length_sorted_batches(setup.eval_rows, recipe.reference.batch_size))
-    steps_per_epoch = max(1, len(train_loader) // cfg.grad_accum)
+    num_rows = len(setup.train_rows)
+    micro_batches = num_rows // cfg.batch_size if setup.drop_last else math.ceil(num_rows / cfg.batch_size)
+    if micro_batches == 0:
+        raise ValueError(f"data.train: {num_rows} training examples, fewer than train.batch_size "
+                         f"({cfg.batch_size}) which this loss needs in every batch; lower train.batch_size")
+    steps_per_epoch = max(1, micro_batches // cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # Evaluation batches the held-out rows exactly as the reference precompute does, so an untrained
+    # policy reproduces the reference bit for bit (margins exactly 0, accuracy exactly chance). The
+    # loader gets its own generator: each pass draws a seed, which must not come from the global one that
+    # dropout uses (eval_every may change on resume without changing the result).
+    eval_loader = DataLoader(setup.eval_rows, collate_fn=setup.collate, generator=torch.Generator(),
+                             batch_sampler=length_sorted_batches(setup.eval_rows, recipe.reference.batch_size))
     has_eval = len(setup.eval_rows) > 0
+    unwrapped = accelerator.unwrap_model(model)
 
-    # 3. Held-out metrics before training.
-    before = evaluate(model, eval_loader, loss_fn, device) if has_eval else {}
-    if before:
-        log(describe_eval("before training", before))
-        append_jsonl(metrics_path, {"split": "eval", "step": 0, **before})
+    def save(loop: LoopState) -> Path | None:
+        loop.window_sums, loop.window_counts = dict(window.sums), dict(window.counts)
+        rng_states = gather_object([capture_rng()])
+        path = None
+        if accelerator.is_main_process:
+            path = save_checkpoint(out_dir, loop, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
+                                   scaler=accelerator.scaler, param_names=param_names, rng_states=rng_states,
+                                   run=run, keep_last=cfg.keep_last, log=log)
+        accelerator.wait_for_everyone()
+        return path
 
-    # 4. The loop. A step is one optimizer update over grad_accum micro-batches.
+    # 3. Where to start: a checkpoint's state, or the untrained policy's held-out metrics.
+    if checkpoint is not None:
+        loop = restore_checkpoint(checkpoint, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
+                                  scaler=accelerator.scaler, param_names=param_names,
+                                  process_index=accelerator.process_index)
+        if accelerator.is_main_process and rewind_metrics(metrics_path, loop.step, final=loop.step >= total_steps):
+            log(f"metrics.jsonl: dropped the records after step {loop.step} (those steps run again)")
+        log(f"resumed from {checkpoint.path}: step {loop.step} of {total_steps} "
+            f"(epoch {loop.epoch}, micro-batch {loop.micro_batch})")
+    else:
+        loop = LoopState()
+        loop.eval_before = evaluate(model, eval_loader, loss_fn, device) if has_eval else {}
+        if loop.eval_before:
+            log(describe_eval("before training", loop.eval_before))
+            append_jsonl(metrics_path, {"split": "eval", "step": 0, **loop.eval_before})
+    last_checkpoint, saved_step = (checkpoint.path, loop.step) if checkpoint is not None else (None, None)
+
+    # 4. The loop. A step is one optimizer update over grad_accum micro-batches; checkpoints fall between
+    # steps, where accelerate's accumulation counter is aligned, so a resumed run counts the same way.
     model.train()
-    window = MetricWindow()
-    step, epoch, tokens, grad_norm = 0, 0, 0, float("nan")
-    window_start = time.perf_counter()
-    progress = tqdm(total=total_steps, desc="train", disable=not accelerator.is_main_process)
-    while step < total_steps:
-        for batch in train_loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with accelerator.accumulate(model):
-                out = loss_fn(model, batch, "train")
-                loss = out.losses.mean()
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            window.add({"loss": out.losses, **out.metrics})
-            tokens += int(batch["attention_mask"].sum())
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            progress.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - window_start
-                record = {"split": "train", "step": step, "epoch": epoch, **window.means(),
-                          "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
-                          "tokens_per_s": tokens / elapsed if elapsed > 0 else float("nan")}
-                append_jsonl(metrics_path, record)
-                progress.set_postfix({k: f"{record[k]:.3f}" for k in ("loss", setup.headline[0]) if k in record})
-                window.reset()
-                tokens, window_start = 0, time.perf_counter()
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and has_eval:
-                metrics = evaluate(model, eval_loader, loss_fn, device)
-                append_jsonl(metrics_path, {"split": "eval", "step": step, **metrics})
-                log(describe_eval(f"step {step}", metrics))
-            if step >= total_steps:
-                break
-        epoch += 1
+    window = MetricWindow(dict(loop.window_sums), dict(loop.window_counts))
+    tokens, window_start, step_losses = 0, time.perf_counter(), []
+    progress = tqdm(total=total_steps, initial=loop.step, desc="train", disable=not accelerator.is_main_process)
+    with StopSignals() as signals:
+        while loop.step < total_steps:
+            batches = epoch_batches(num_rows, cfg.batch_size, cfg.seed, loop.epoch, setup.drop_last)
+            while loop.micro_batch < len(batches) and loop.step < total_steps:
+                rows = [setup.train_rows[i] for i in batches[loop.micro_batch]]
+                loop.micro_batch += 1
+                batch = {k: v.to(device) for k, v in setup.collate(rows).items()}
+                with accelerator.accumulate(model):
+                    out = loss_fn(model, batch, "train")
+                    loss = out.losses.mean()
+                    step_losses.append(float(loss.detach()))
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        loop.grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
+                        applied = all(map(math.isfinite, step_losses)) and math.isfinite(loop.grad_norm)
+                        if applied:
+                            optimizer.step()
+                            scheduler.step()
+                        else:
+                            # Skipped: with no gradients the optimizer moves nothing; a loss scaler still
+                            # needs the call to record the overflow and lower its scale.
+                            optimizer.zero_grad(set_to_none=True)
+                            if accelerator.scaler is not None:
+                                optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                window.add({"loss": out.losses, **out.metrics})
+                tokens += int(batch["attention_mask"].sum())
+                if not accelerator.sync_gradients:
+                    continue
+                loop.step += 1
+                progress.update(1)
+                count_step(loop, step_losses, applied, accelerator.scaler is not None, log)
+                step_losses = []
+                too_many_bad = loop.consecutive_bad_steps >= cfg.max_bad_steps
+                if loop.step % cfg.log_every == 0 or loop.step == total_steps or too_many_bad:
+                    elapsed = time.perf_counter() - window_start
+                    # Non-finite values are written as they are (json writes NaN / Infinity; Python reads them).
+                    record = {"split": "train", "step": loop.step, "epoch": loop.epoch, **window.means(),
+                              "grad_norm": loop.grad_norm, "lr": scheduler.get_last_lr()[0],
+                              "tokens_per_s": tokens / elapsed if elapsed > 0 else float("nan"),
+                              "bad_steps": loop.bad_steps, "bad_steps_consecutive": loop.consecutive_bad_steps}
+                    if accelerator.scaler is not None:
+                        record["scaler_overflows"] = loop.scaler_overflows
+                    append_jsonl(metrics_path, record)
+                    progress.set_postfix({k: f"{record[k]:.3f}" for k in ("loss", setup.headline[0]) if k in record})
+                    window.reset()
+                    tokens, window_start = 0, time.perf_counter()
+                if cfg.eval_every and loop.step % cfg.eval_every == 0 and loop.step < total_steps and has_eval:
+                    metrics = evaluate(model, eval_loader, loss_fn, device)
+                    append_jsonl(metrics_path, {"split": "eval", "step": loop.step, **metrics})
+                    log(describe_eval(f"step {loop.step}", metrics))
+                if too_many_bad:
+                    kept = (f"the last good checkpoint is {last_checkpoint}; resume from it with --resume once the "
+                            "cause is fixed" if last_checkpoint else "no checkpoint was written before them")
+                    raise TooManyBadSteps(
+                        f"stopped at step {loop.step}: {loop.consecutive_bad_steps} steps in a row had a non-finite "
+                        f"loss or gradient norm (train.max_bad_steps={cfg.max_bad_steps}); {kept}. Lower train.lr, "
+                        "set train.max_grad_norm, or check the data of these steps")
+                stop = signals.received is not None
+                if accelerator.num_processes > 1:
+                    stop = any(gather_object([stop]))  # every process stops at the same step
+                periodic = cfg.save_every and loop.step % cfg.save_every == 0 and loop.consecutive_bad_steps == 0
+                if stop or periodic:
+                    last_checkpoint, saved_step = save(loop), loop.step
+                if stop:
+                    name = signal.Signals(signals.received or signal.SIGTERM).name
+                    raise TrainingInterrupted(
+                        f"stopped by {name} after step {loop.step} of {total_steps}; checkpoint written to "
+                        f"{last_checkpoint}. Continue with: dpo-train RECIPE --resume",
+                        signals.received or signal.SIGTERM)
+            if loop.micro_batch >= len(batches):
+                loop.epoch, loop.micro_batch = loop.epoch + 1, 0
     progress.close()
+    if saved_step != loop.step:
+        last_checkpoint = save(loop)
 
     # 5. Held-out metrics after training, adapter and tokenizer.
     after = evaluate(model, eval_loader, loss_fn, device) if has_eval else {}
     if after:
         log(describe_eval("after training", after))
-        append_jsonl(metrics_path, {"split": "eval", "step": step, **after})
+        append_jsonl(metrics_path, {"split": "eval", "step": loop.step, **after})
     adapter_dir = out_dir / "adapter"
-    accelerator.unwrap_model(model).save_pretrained(adapter_dir, safe_serialization=True)
-    setup.tokenizer.save_pretrained(adapter_dir)
-    summary = {"eval_before": before, "eval_after": after, "steps": step}
-    (out_dir / "final_metrics.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    summary = {"eval_before": loop.eval_before, "eval_after": after, "steps": loop.step}
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(adapter_dir, safe_serialization=True)
+        setup.tokenizer.save_pretrained(adapter_dir)
+        write_text_atomic(out_dir / "final_metrics.json", json.dumps(summary, indent=2))
     key, label = setup.headline
-    if key in before and key in after:
-        log(f"{label}: {before[key]:.3f} before -> {after[key]:.3f} after training")
+    if key in loop.eval_before and key in after:
+        log(f"{label}: {loop.eval_before[key]:.3f} before -> {after[key]:.3f} after training")
     log(f"adapter saved to {adapter_dir}")
     return summary
 
