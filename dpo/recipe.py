@@ -28,8 +28,17 @@ class _Section(BaseModel):
 # --------------------------------------------------------------------------------------------- model
 
 
+_COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+
+
 class QuantizationConfig(_Section):
-    """A k-bit base model through bitsandbytes (QLoRA). The LM head stays unquantized."""
+    """A k-bit base model through bitsandbytes (QLoRA). The LM head, embeddings and norms stay unquantized.
+
+    ``bits: 4`` stores each linear weight as 4-bit ``quant_type`` codes with one scale per 64 weights;
+    ``double_quant`` stores those scales in 8 bits (about 0.37 bits a weight saved). ``quant_type`` and
+    ``double_quant`` apply to 4 bits only; ``bits: 8`` is LLM.int8. ``compute_dtype`` is the dtype the
+    matmuls run in and the dtype of every unquantized weight and activation.
+    """
 
     bits: Literal[4, 8] = 4
     quant_type: Literal["nf4", "fp4"] = "nf4"
@@ -38,7 +47,12 @@ class QuantizationConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """The policy's base model: a local Hugging Face causal-LM directory, or a hub id where the network allows."""
+    """The policy's base model: a local Hugging Face causal-LM directory, or a hub id where the network allows.
+
+    With ``quantization`` the unquantized weights load in ``quantization.compute_dtype``; ``dtype`` then
+    defaults to it and may not name another. ``max_memory_gb`` is the accelerator memory (GiB) the dry run
+    checks its peak estimate against, instead of the detected device's.
+    """
 
     path: str
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -46,6 +60,23 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = False
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
     quantization: QuantizationConfig | None = None
+    max_memory_gb: float | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dtype_follows_quantization(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("quantization") is None:
+            return data
+        quant = data["quantization"]
+        compute = quant.get("compute_dtype", "bfloat16") if isinstance(quant, dict) else quant.compute_dtype
+        if compute not in _COMPUTE_DTYPES:
+            return data  # reported at quantization.compute_dtype
+        if "dtype" in data and data["dtype"] != compute:
+            raise ValueError(
+                f"model.dtype ({data['dtype']}) differs from model.quantization.compute_dtype ({compute}): a "
+                "quantized base keeps its unquantized weights in compute_dtype; drop model.dtype or make them equal"
+            )
+        return {**data, "dtype": compute}
 
 
 # ---------------------------------------------------------------------------------------------- data
