@@ -212,7 +212,10 @@ def reference_logps(recipe: Recipe, data: PreparedData, collate: Collate, settin
         results[split] = _empty() if len(rows) == 0 else load_cached(store, keys[split][0], len(rows), split, log)
     missing = [split for split, value in results.items() if value is None]
     hits = [split for split, value in results.items() if value is not None and len(value) > 0]
-    verify = recipe.reference.verify if hits else 0
+    verify = recipe.reference.verify
+    if verify and not hits:
+        log("reference cache: nothing to verify (every value was computed in this run)")
+        verify = 0
     if missing or verify:
         with open_reference(recipe, settings, device, policy) as logp_fn:
             for split in missing:
@@ -221,9 +224,8 @@ def reference_logps(recipe: Recipe, data: PreparedData, collate: Collate, settin
                                                    recipe.reference.batch_size, device, split, log,
                                                    checkpoint_every_s)
             if verify:
-                cached = {split: results[split] for split in hits}
-                verify_cached(recipe, {s: splits[s] for s in hits}, cached, {s: store.path(keys[s][0]) for s in hits},
-                              collate, logp_fn, device, verify, log)
+                verify_cached(recipe, {s: splits[s] for s in hits}, {s: results[s] for s in hits},
+                              {s: store.path(keys[s][0]) for s in hits}, collate, logp_fn, device, verify, log)
     return results["train"], results["eval"]
 
 
@@ -264,8 +266,9 @@ def precompute_references(recipe: Recipe, log: Log = print) -> dict[str, Path]:
     from dpo.losses import get_loss
 
     spec = get_loss(recipe.loss.name)
-    if not spec.needs_reference:
-        log(f"loss {recipe.loss.name} needs no reference log-probs: nothing to compute")
+    if recipe.task != "preference" or not spec.needs_reference:
+        what = f"task {recipe.task}" if recipe.task != "preference" else f"loss {recipe.loss.name}"
+        log(f"{what} needs no reference log-probs: nothing to compute")
         return {}
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe.data, tokenizer, unpaired=not spec.paired, seed=recipe.train.seed, log=log)
