@@ -52,7 +52,7 @@ from dpo.model import (
 )
 from dpo.recipe import Recipe, TrainConfig
 from dpo.reference import ReferenceLogps, length_sorted_batches
-from dpo.reference_setup import reference_logps
+from dpo.reference_setup import reference_logps as cached_reference_logps
 
 Log = Callable[[str], None]
 
@@ -458,4 +458,4 @@ def compute_references(recipe: Recipe, policy, data, collate, settings: LogprobS
     """Reference log-probs for both splits through the on-disk cache (``dpo.reference_setup``): read on a
     hit, without loading or running anything; computed on a miss by a separate model if the recipe names
     one (loaded only meanwhile), else by the policy's base with the adapter disabled."""
-    return reference_logps(recipe, data, collate, settings, device, log, policy=policy)
+    return cached_reference_logps(recipe, data, collate, settings, device, log, policy=policy)
