@@ -36,6 +36,16 @@ class Crash(Exception):
     """Stands for the process dying (power cut, OOM kill) at the point it is raised."""
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Every run of this module (subprocesses included, via OMP_NUM_THREADS) computes with one thread:
+    bit-exact comparisons need the same thread count on both sides, and tiny matrices gain nothing from more."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("assets")
@@ -127,10 +137,9 @@ def crash_while_writing(monkeypatch, step: int, write: int) -> None:
 
 
 @pytest.mark.parametrize("stop, resumes_at", [
-    ("micro-batch 5", 2),        # start of step 3: mid-epoch (epoch 0, micro-batch 4)
-    ("micro-batch 6", 2),        # mid-accumulation, across the epoch boundary: step 3 half done is lost
-    ("micro-batch 7", 3),        # start of step 4: epoch 1 after the boundary
-    ("checkpoint write", 2),     # the step-3 checkpoint is cut short: the step-2 one is used
+    ("checkpoint write", 2),  # the step-3 checkpoint is cut short: resume mid-epoch (epoch 0, micro-batch 4)
+    ("micro-batch 6", 2),     # mid-accumulation, across the epoch boundary: step 3 half done is lost
+    ("micro-batch 7", 3),     # start of step 4: epoch 1, just after the boundary
 ])
 def test_a_resumed_run_matches_the_uninterrupted_one_bit_for_bit(tmp_path, assets, uninterrupted, monkeypatch,
                                                                    capsys, stop, resumes_at):
@@ -145,13 +154,6 @@ def test_a_resumed_run_matches_the_uninterrupted_one_bit_for_bit(tmp_path, asset
     capsys.readouterr()
     main([str(recipe), "--resume"])
     assert f"resumed from {tmp_path / 'out' / 'checkpoints' / f'step-{resumes_at:06d}'}" in capsys.readouterr().out
-    assert_same_run(tmp_path / "out", uninterrupted)
-
-
-def test_resume_from_a_named_checkpoint_folder(tmp_path, assets, uninterrupted):
-    recipe = make_recipe(tmp_path, assets)
-    main([str(recipe)])
-    main([str(recipe), "--resume", str(tmp_path / "out" / "checkpoints" / "step-000001")])
     assert_same_run(tmp_path / "out", uninterrupted)
 
 
@@ -191,10 +193,10 @@ def test_resume_with_changed_data_is_refused_but_moved_data_is_not(tmp_path, ass
     assert "reference.train: reference log-probs" in err  # they were computed from the old data
 
 
-def test_resume_from_a_damaged_checkpoint_names_the_file(tmp_path, assets, capsys):
-    recipe = make_recipe(tmp_path, assets, max_steps=2)
+def test_a_damaged_checkpoint_is_named_and_an_earlier_one_resumes_exactly(tmp_path, assets, uninterrupted, capsys):
+    recipe = make_recipe(tmp_path, assets)
     main([str(recipe)])
-    damaged = tmp_path / "out" / "checkpoints" / "step-000002" / "optimizer.safetensors"
+    damaged = tmp_path / "out" / "checkpoints" / "step-000004" / "optimizer.safetensors"
     data = bytearray(damaged.read_bytes())
     data[-1] ^= 0xFF
     damaged.write_bytes(bytes(data))
@@ -202,6 +204,8 @@ def test_resume_from_a_damaged_checkpoint_names_the_file(tmp_path, assets, capsy
     assert code == 2 and f"{damaged}: content does not match the manifest's SHA-256" in err
     code, err = run_cli_error([str(recipe), "--resume", str(tmp_path / "nowhere")], capsys)
     assert code == 2 and "no such checkpoint folder" in err
+    main([str(recipe), "--resume", str(tmp_path / "out" / "checkpoints" / "step-000001")])
+    assert_same_run(tmp_path / "out", uninterrupted)  # the damaged step-4 checkpoint was written anew
 
 
 def test_output_directory_rules_from_the_command_line(tmp_path, assets, capsys):
@@ -282,6 +286,29 @@ def test_nan_at_every_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     assert records[-1]["bad_steps"] == 2
 
 
+def test_the_loss_is_float32_with_a_bfloat16_model(tmp_path, assets, monkeypatch):
+    recipe = make_recipe(tmp_path, assets, max_steps=1, save_every=None)
+    real = trainer.sequence_logprobs
+    dtypes = []
+
+    def sequence_logprobs(model, *args):
+        sums, counts = real(model, *args)
+        dtypes.append((next(model.parameters()).dtype, sums.dtype))
+        return sums, counts
+
+    def batch_loss(policy, *args):
+        out = real_batch_loss(policy, *args)
+        dtypes.append(("loss", out.losses.dtype))
+        return out
+
+    real_batch_loss = trainer.batch_loss
+    monkeypatch.setattr(trainer, "sequence_logprobs", sequence_logprobs)
+    monkeypatch.setattr(trainer, "batch_loss", batch_loss)
+    main([str(recipe), "--set", "model.dtype=bfloat16"])
+    assert (torch.bfloat16, torch.float32) in dtypes  # a bfloat16 model's log-probs come out in float32
+    assert {d for kind, d in dtypes if kind == "loss"} == {torch.float32}
+
+
 # ------------------------------------------------------------------------------------------ signals
 
 
@@ -305,7 +332,7 @@ main([sys.argv[1]])
 def start_training(tmp_path: Path, recipe: Path, seconds_per_micro_batch: float) -> subprocess.Popen:
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, str(driver), str(recipe), str(seconds_per_micro_batch)], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
