@@ -59,6 +59,7 @@ _TRASH_PREFIX = ".old-"
 IGNORED_ON_RESUME = frozenset({
     "output.dir", "output.tensorboard", "train.log_every", "train.eval_every", "train.save_every",
     "train.keep_last", "train.max_bad_steps", "data.num_proc", "data.cache_dir", "reference.batch_size",
+    "reference.cache_dir", "reference.verify",
 })
 # Paths whose content a fingerprint checks: when the checkpoint has that fingerprint, a moved file is
 # fine and a changed one is caught by the fingerprint. Reference log-probs are a function of the model's
@@ -68,6 +69,7 @@ CONTENT_CHECKED = {
     "data.eval": "data.eval",
     "model.path": "reference.train",
     "reference.model_path": "reference.train",
+    "reference.adapter": "reference.train",
 }
 
 
