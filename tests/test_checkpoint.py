@@ -442,6 +442,9 @@ def test_rewind_metrics_drops_records_after_the_step_and_a_torn_last_line(tmp_pa
     assert rewind_metrics(path, 2) == 2
     assert [json.loads(line) for line in path.read_text().splitlines()] == lines[:4]
     assert rewind_metrics(path, 2) == 0
+    # At the run's last step the evaluation at that step is the closing one, written after the checkpoint.
+    assert rewind_metrics(path, 2, final=True) == 1
+    assert [json.loads(line) for line in path.read_text().splitlines()] == lines[:3]
     assert rewind_metrics(tmp_path / "absent.jsonl", 5) == 0
 
 
