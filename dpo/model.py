@@ -114,9 +114,24 @@ def load_base_model(config: ModelConfig, path: str | None = None, device: torch.
     check_head(model, source)
     if quant is not None and not torch.is_floating_point(model.get_output_embeddings().weight):
         raise ModelError(f"{source}: the LM head was quantized; the log-prob kernels need it in full precision")
+    if quant is not None:
+        keep_4bit_layout_trainable(model)
     if quant is None and device is not None:
         model.to(device)
     return model
+
+
+def keep_4bit_layout_trainable(model: nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference.
+
+    On a CPU with AVX512-BF16, the first forward in eval mode without gradients (the reference pass, an
+    evaluation) repacks each weight, for good, into a layout whose matmul has no backward: later training
+    steps then pass no gradient through the base to earlier layers' adapters, and the repacked matmul rounds
+    differently from the trainable one.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def check_head(model: nn.Module, source: str = "model") -> None:

@@ -50,7 +50,7 @@ from dpo.model import (
     load_tokenizer,
     sequence_logprobs,
 )
-from dpo.recipe import Recipe, TrainConfig
+from dpo.recipe import Recipe, RecipeError, TrainConfig
 from dpo.reference import ReferenceLogps, length_sorted_batches
 from dpo.reference_setup import reference_logps as cached_reference_logps
 
@@ -84,10 +84,19 @@ class MetricWindow:
 
 
 def build_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW from torch, or bitsandbytes' 8-bit (optionally paged) AdamW."""
+    """AdamW from torch, or bitsandbytes' 8-bit (optionally paged) AdamW.
+
+    The 8-bit variants keep both moments of every tensor of 4096+ values in 8 bits with one float32 scale
+    per 256 (2 bytes a parameter instead of 8); the paged one keeps them in unified memory that can spill
+    to the host when the GPU runs short (and, on a machine without CUDA, behaves as the unpaged one).
+    """
     if train.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-    import bitsandbytes as bnb
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise RecipeError(f"train.optimizer: {train.optimizer} needs bitsandbytes "
+                          f"(pip install 'dpo-train[quant]'), or use adamw: {exc}") from None
 
     cls = bnb.optim.AdamW8bit if train.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
     return cls(params, lr=train.lr, weight_decay=train.weight_decay)

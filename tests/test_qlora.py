@@ -1,0 +1,263 @@
+"""QLoRA: a 4/8-bit base (bitsandbytes, on CPU here) with a LoRA adapter, trained from a recipe.
+
+The base is prepared the way the trainer prepares it: frozen, unquantized weights left in the compute dtype,
+LM head unquantized, input gradients on, non-reentrant checkpointing. Training must move held-out preference
+accuracy, the saved adapter must reproduce its log-probs on a freshly quantized base, the optimizers must be
+the ones the recipe names, and the reference cache must not serve a 4-bit reference to another setting.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpo.cli import main
+from dpo.data import collate_paired, prepare_data
+from dpo.model import LogprobSettings, add_lora, is_quantized, load_base_model, load_tokenizer, sequence_logprobs
+from dpo.recipe import LoraConfig, ModelConfig, RecipeError, TrainConfig, load_recipe
+from dpo.trainer import build_optimizer
+from tests.helpers import build_tiny_model, write_jsonl, write_recipe
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def yes_no_pairs(count: int, seed: int, numbers: range) -> list[dict[str, str]]:
+    """Pairs whose chosen answer is always " yes" and rejected " no": learnable in a few steps, and it
+    carries to prompts never seen in training."""
+    rng = random.Random(seed)
+    return [{"prompt": f"Is {n} a number? Answer:", "chosen": " yes", "rejected": " no"}
+            for n in rng.sample(list(numbers), count)]
+
+
+def qlora_recipe(tmp_path: Path, quantization: dict | None = None, **train) -> Path:
+    model = build_tiny_model(tmp_path / "model")
+    write_jsonl(tmp_path / "data" / "train.jsonl", yes_no_pairs(32, 0, range(100, 500)))
+    write_jsonl(tmp_path / "data" / "eval.jsonl", yes_no_pairs(16, 1, range(500, 999)))
+    tree = {
+        "model": {"path": str(model), "gradient_checkpointing": True,
+                  "quantization": quantization or {"bits": 4, "compute_dtype": "float32"}},
+        "data": {"train": str(tmp_path / "data" / "train.jsonl"), "eval": str(tmp_path / "data" / "eval.jsonl"),
+                 "max_length": 32, "max_prompt_length": 24},
+        "lora": {"r": 8, "alpha": 16},
+        "loss": {"name": "dpo", "beta": 0.5},
+        "train": {"max_steps": 6, "batch_size": 8, "lr": 0.02, "warmup_steps": 0, "log_every": 3, "seed": 0,
+                  "optimizer": "adamw_8bit", **train},
+        "reference": {"batch_size": 16, "cache_dir": str(tmp_path / "cache")},
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    return write_recipe(tmp_path / "recipe.yaml", tree)
+
+
+def mean_eval_logps(model, recipe, settings=LogprobSettings()) -> tuple[float, float]:
+    tokenizer = load_tokenizer(recipe.model)
+    data = prepare_data(recipe.data, tokenizer, unpaired=False, seed=recipe.train.seed, log=lambda _: None)
+    batch = collate_paired([data.eval[i] for i in range(len(data.eval))], pad_token_id=tokenizer.pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        sums, _ = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"], settings)
+    b = batch["index"].shape[0]
+    return sums[:b].mean().item(), sums[b:].mean().item()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
+def test_4bit_recipe_trains_improves_held_out_accuracy_and_the_adapter_reloads(tmp_path, optimizer):
+    from peft import PeftModel
+
+    recipe_path = qlora_recipe(tmp_path, optimizer=optimizer)
+    main([str(recipe_path)])
+    final = json.loads((tmp_path / "out" / "final_metrics.json").read_text())
+    assert final["eval_before"]["rewards/accuracies"] == 0.5  # policy == reference: every pair ties
+    assert final["eval_after"]["rewards/accuracies"] >= 0.9
+    assert final["eval_after"]["rewards/margins"] > 0
+
+    # The adapter on a freshly quantized base gives the log-probs the run measured after training.
+    recipe = load_recipe(recipe_path)
+    base = load_base_model(recipe.model, device="cpu")
+    assert is_quantized(base)
+    base_chosen, _ = mean_eval_logps(base, recipe)
+    reloaded = PeftModel.from_pretrained(load_base_model(recipe.model, device="cpu"), tmp_path / "out" / "adapter")
+    chosen, rejected = mean_eval_logps(reloaded, recipe)
+    assert chosen == pytest.approx(final["eval_after"]["logps/chosen"], abs=1e-4)
+    assert rejected == pytest.approx(final["eval_after"]["logps/rejected"], abs=1e-4)
+    assert chosen - base_chosen > 0.1  # training raised the chosen side: the adapter is not a no-op
+
+
+def test_kbit_preparation_keeps_the_head_in_compute_dtype_and_trains_only_the_adapter(tmp_path):
+    from bitsandbytes.nn import Linear4bit
+
+    build_tiny_model(tmp_path)
+    config = ModelConfig(path=str(tmp_path), quantization={"bits": 4, "compute_dtype": "bfloat16"},
+                         gradient_checkpointing=True)
+    assert config.dtype == "bfloat16"  # follows compute_dtype
+    policy = add_lora(load_base_model(config, device="cpu"), LoraConfig(r=4), gradient_checkpointing=True)
+    lm = policy.get_base_model()
+    linears = [m for name, m in lm.named_modules() if name.endswith(("q_proj", "down_proj")) and hasattr(m, "base_layer")]
+    assert linears and all(isinstance(m.base_layer, Linear4bit) for m in linears)
+    head = lm.get_output_embeddings()
+    assert type(head) is torch.nn.Linear and head.weight.dtype == torch.bfloat16 and not head.weight.requires_grad
+    assert lm.get_input_embeddings().weight.dtype == torch.bfloat16  # not upcast to float32
+    trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    assert all(p.dtype == torch.float32 for p in policy.parameters() if p.requires_grad)
+    # Non-reentrant checkpointing on every decoder layer, and the embedding output requires grad.
+    assert lm.is_gradient_checkpointing
+    assert lm.model.layers[0]._gradient_checkpointing_func.keywords.get("use_reentrant") is False
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
+    assert lm.get_input_embeddings()(ids).requires_grad
+
+    # A step reaches every adapter matrix through the 4-bit base (lora_B starts at zero, so lora_A's first
+    # gradient is zero; two steps make both non-zero).
+    policy.train()
+    labels = ids.clone()
+    labels[:, :2] = -100
+    optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad],
+                                TrainConfig(optimizer="adamw", lr=0.01))
+    for _ in range(2):
+        sums, _ = sequence_logprobs(policy, ids, torch.ones_like(ids), labels)
+        (-sums.sum()).backward()
+        optimizer.step()
+        grads = {name: p.grad for name, p in policy.named_parameters() if p.requires_grad}
+        optimizer.zero_grad()
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_an_eval_pass_does_not_stop_gradients_through_the_4bit_base(tmp_path):
+    """bitsandbytes repacks 4-bit weights for CPU inference on the first no-grad eval forward (on CPUs with
+    AVX512-BF16), into a layout with no backward; the loader turns that off."""
+    build_tiny_model(tmp_path, hidden_size=64)
+    config = ModelConfig(path=str(tmp_path), quantization={"bits": 4, "compute_dtype": "float32"})
+    policy = add_lora(load_base_model(config, device="cpu"), LoraConfig(r=4))
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
+    labels = ids.clone()
+    labels[:, :2] = -100
+    policy.eval()
+    with torch.no_grad():
+        reference = sequence_logprobs(policy, ids, torch.ones_like(ids), labels)[0]
+    policy.train()
+    logps = sequence_logprobs(policy, ids, torch.ones_like(ids), labels)[0]
+    assert torch.equal(logps.detach(), reference)  # the same matmul with and without gradients
+    logps.sum().backward()
+    first_layer_adapter = policy.get_base_model().model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    assert first_layer_adapter.grad.abs().sum() > 0  # gradient reached layer 0 through every 4-bit matmul
+
+
+def test_8bit_base_trains_a_step(tmp_path):
+    from bitsandbytes.nn import Linear8bitLt
+
+    build_tiny_model(tmp_path)
+    config = ModelConfig(path=str(tmp_path), quantization={"bits": 8, "compute_dtype": "float32"})
+    policy = add_lora(load_base_model(config, device="cpu"), LoraConfig(r=4))
+    assert isinstance(policy.get_base_model().model.layers[0].mlp.up_proj.base_layer, Linear8bitLt)
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44], [1, 50, 51, 52, 53, 54]])
+    labels = ids.clone()
+    labels[:, :3] = -100
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, TrainConfig(optimizer="adamw", lr=0.05))
+    before = sequence_logprobs(policy, ids, torch.ones_like(ids), labels)[0].sum().item()
+    for _ in range(3):
+        (-sequence_logprobs(policy, ids, torch.ones_like(ids), labels)[0].sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert sequence_logprobs(policy, ids, torch.ones_like(ids), labels)[0].sum().item() > before
+
+
+def test_a_quantized_head_is_refused(tmp_path, monkeypatch):
+    """An empty skip list lets transformers quantize the head too; the fused log-prob path cannot use it."""
+    from transformers import BitsAndBytesConfig
+
+    import dpo.model as model_module
+    from dpo.model import ModelError
+
+    build_tiny_model(tmp_path)
+    config = ModelConfig(path=str(tmp_path), quantization={"bits": 4})
+    assert torch.is_floating_point(load_base_model(config, device="cpu").get_output_embeddings().weight)
+    monkeypatch.setattr(model_module, "quantization_config",
+                        lambda _: BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=[]))
+    with pytest.raises(ModelError, match="LM head was quantized"):
+        load_base_model(config, device="cpu")
+
+
+def test_recipe_quantization_dtype_rules(tmp_path):
+    assert ModelConfig(path="m", quantization={"compute_dtype": "float32"}).dtype == "float32"
+    assert ModelConfig(path="m", dtype="bfloat16", quantization={}).dtype == "bfloat16"
+    with pytest.raises(ValueError, match="compute_dtype"):
+        ModelConfig(path="m", dtype="float32", quantization={"compute_dtype": "bfloat16"})
+    recipe_path = write_recipe(tmp_path / "r.yaml", {
+        "model": {"path": "m", "quantization": {"bits": 4, "compute_dtype": "float16"}},
+        "data": {"train": "t.jsonl"}, "output": {"dir": "o"}})
+    with pytest.raises(RecipeError, match="loss_scaler"):  # float16 compute needs loss scaling like float16 weights
+        load_recipe(recipe_path)
+    with pytest.raises(RecipeError, match="quantization.bits"):
+        load_recipe(recipe_path, ["model.quantization.bits=3"])
+
+
+# ------------------------------------------------------------------------------------------ optimizers
+
+
+@pytest.mark.parametrize(("name", "cls"), [("adamw", torch.optim.AdamW), ("adamw_8bit", "AdamW8bit"),
+                                           ("paged_adamw_8bit", "PagedAdamW8bit")])
+def test_build_optimizer_gives_the_named_optimizer_and_it_descends(name, cls):
+    cls = getattr(bnb.optim, cls) if isinstance(cls, str) else cls
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(64, 64))  # 4096 values: the 8-bit optimizers quantize its state
+    optimizer = build_optimizer([weight], TrainConfig(optimizer=name, lr=0.01, weight_decay=0.1))
+    assert type(optimizer) is cls
+    assert optimizer.param_groups[0]["lr"] == 0.01 and optimizer.param_groups[0]["weight_decay"] == 0.1
+    losses = []
+    for _ in range(5):
+        loss = weight.square().sum()
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(b < a for a, b in zip(losses, losses[1:]))
+    if name != "adamw":
+        assert optimizer.state[weight]["state1"].dtype == torch.uint8  # 8-bit moments
+
+
+def test_8bit_adamw_tracks_torch_adamw():
+    """Same first steps as torch's AdamW up to 8-bit rounding of the moments."""
+    torch.manual_seed(0)
+    start = torch.randn(64, 64)
+    results = {}
+    for name in ("adamw", "adamw_8bit"):
+        weight = torch.nn.Parameter(start.clone())
+        optimizer = build_optimizer([weight], TrainConfig(optimizer=name, lr=0.001))
+        for step in range(3):
+            (weight * torch.linspace(-1, 1, 4096).reshape(64, 64) * (step + 1)).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        results[name] = weight.detach()
+    moved = (results["adamw"] - start).abs().mean()
+    assert (results["adamw_8bit"] - results["adamw"]).abs().mean() < 0.05 * moved
+
+
+# --------------------------------------------------------------------------------------- reference cache
+
+
+def test_reference_cache_misses_when_the_quantization_changes(tmp_path):
+    from dpo.reference_setup import precompute_references
+
+    recipe_path = qlora_recipe(tmp_path)
+    messages: list[str] = []
+    nf4 = precompute_references(load_recipe(recipe_path), log=messages.append)
+    assert nf4 and all(path.is_file() for path in nf4.values())
+    assert any("wrote" in m for m in messages)
+
+    messages.clear()
+    assert precompute_references(load_recipe(recipe_path), log=messages.append) == nf4  # same settings: a hit
+    assert any("hit" in m for m in messages) and not any("wrote" in m for m in messages)
+
+    seen = {split: {path} for split, path in nf4.items()}
+    for override in (["model.quantization.quant_type=fp4"], ["model.quantization.double_quant=false"],
+                     ["model.quantization.bits=8"], ["model.quantization=null", "model.dtype=float32"]):
+        messages.clear()
+        paths = precompute_references(load_recipe(recipe_path, override), log=messages.append)
+        assert any("miss" in m for m in messages) and any("wrote" in m for m in messages), override
+        for split, path in paths.items():
+            assert path not in seen[split], override
+            seen[split].add(path)
