@@ -147,7 +147,41 @@ def dry_run_report(recipe: Recipe) -> None:
     typer.echo(f"# data (layout: {data.layout})")
     typer.echo(data.stats.format())
     typer.echo(f"train examples: {len(data.train)}, eval examples: {len(data.eval)}")
+    if recipe.task == "preference":
+        typer.echo(_memory_section(recipe, data.train))
     typer.echo("dry run: nothing was trained")
+
+
+def _memory_section(recipe: Recipe, train_rows) -> str:
+    from dpo.memory import memory_report
+
+    try:
+        return memory_report(recipe, train_rows)[0]
+    except (OSError, ValueError, TypeError) as exc:
+        return f"# memory\n  no estimate: cannot read the model's config.json ({exc})"
+
+
+@app.command("merge")
+def merge_command(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run's output.dir (recipe.yaml and adapter/).",
+                                            show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="New directory for the merged model.", show_default=False)],
+    dtype: Annotated[str, typer.Option("--dtype", help="Weights of the merged model: bf16, fp16 or fp32.")] = "bf16",
+    base: Annotated[str | None, typer.Option("--base", help="The base model, if not at the recipe's model.path.")
+                    ] = None,
+) -> None:
+    """Merge a run's LoRA adapter into its full-precision base; saves a standard Hugging Face model directory.
+
+    The merged model's log-probs are checked against the adapter's on sample sequences before anything is saved.
+    """
+    from dpo.merge import MergeError, merge_run
+
+    try:
+        merge_run(run_dir, out, dtype=dtype, base_path=base, log=typer.echo)
+    except (MergeError, *_user_errors()) as exc:
+        _fail(str(exc))
+
+
 
 
 COMMANDS = {"train"}

@@ -239,15 +239,15 @@ class MemoryEstimate:
             ("LoRA gradients", self.lora_grads),
             (f"optimizer states ({plan.optimizer})", self.optimizer_states),
             ("saved activations" + (" (checkpointed)" if plan.checkpointing else ""), self.saved_activations),
-            ("recomputed layer" if plan.checkpointing else "recomputed layer (no checkpointing)", self.recompute),
+            ("recomputed layer" + ("" if plan.checkpointing else " (none)"), self.recompute),
             ("backward working set", self.backward_working_set),
             (f"log-prob chunk ({plan.logprob_impl})", self.logprob_workspace),
         ]
-        lines = [f"  {name:<34}{value / GiB:8.2f} GiB" for name, value in rows]
+        lines = [f"  {name:<34}{format_bytes(value)}" for name, value in rows]
         lines += [
             f"  activations per token and layer: {per_token_layer / 1024:.1f} KiB without checkpointing, "
             f"{checkpoint_per_token / 1024:.1f} KiB with",
-            f"  {'estimated peak':<34}{self.peak / GiB:8.2f} GiB "
+            f"  {'estimated peak':<34}{format_bytes(self.peak)} "
             f"({'backward' if self.backward_peak >= self.forward_peak else 'end of forward'}; "
             f"batch of {batch.rows} rows x {batch.tokens} tokens)",
         ]
@@ -257,6 +257,11 @@ class MemoryEstimate:
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def format_bytes(value: int) -> str:
+    """``12.34 GiB``, or MiB under one GiB, right-aligned."""
+    return f"{value / GiB:8.2f} GiB" if value >= GiB else f"{value / 2**20:8.1f} MiB"
 
 
 # ------------------------------------------------------------------------------------------- weights
@@ -528,7 +533,7 @@ def memory_report(recipe: Any, train_rows: Any, device_bytes: int | None = None)
     lines = [f"# memory (estimated peak on a CUDA device, {plan.weight_bits or plan.compute_dtype}"
              f"{'-bit' if plan.weight_bits else ''} base, LoRA r={plan.lora_r})",
              estimate.format(batch, shape, plan),
-             f"  {'reference / eval pass (no grad)':<34}{no_grad / GiB:8.2f} GiB "
+             f"  {'reference / eval pass (no grad)':<34}{format_bytes(no_grad)} "
              f"(reference.batch_size {recipe.reference.batch_size} pairs)"]
     device_bytes = device_memory_bytes() if device_bytes is None else device_bytes
     budget, source = None, ""
@@ -542,9 +547,10 @@ def memory_report(recipe: Any, train_rows: Any, device_bytes: int | None = None)
     worst = max(estimate.peak, no_grad)
     fits = worst <= budget
     if fits:
-        lines.append(f"  fits: {worst / GiB:.2f} GiB of {budget / GiB:.2f} GiB ({source})")
+        lines.append(f"  fits: {format_bytes(worst).strip()} of {format_bytes(budget).strip()} ({source})")
     else:
-        lines.append(f"warning: the estimated peak {worst / GiB:.2f} GiB exceeds {budget / GiB:.2f} GiB ({source}); "
+        lines.append(f"warning: the estimated peak {format_bytes(worst).strip()} exceeds {format_bytes(budget).strip()} "
+                     f"({source}); "
                      + _advice(recipe, plan, estimate, no_grad))
     return "\n".join(lines), fits
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from dpo.memory import (
-    GiB,
     LINEAR_NAMES,
     Batch,
+    GiB,
     ModelShape,
     TrainingPlan,
     estimate_no_grad_pass,
@@ -171,7 +171,7 @@ def test_optimizer_state_bytes_match_the_optimizer(optimizer):
     shape = ModelShape(vocab=10, hidden=512, layers=1, heads=4, kv_heads=2, head_dim=128, intermediate=1024)
     plan = PLAN.__class__(**{**PLAN.__dict__, "optimizer": optimizer, "lora_r": 8})
     params = []
-    for name, (n_in, n_out) in shape.linears().items():
+    for n_in, n_out in shape.linears().values():
         params += [torch.nn.Parameter(torch.randn(8, n_in)), torch.nn.Parameter(torch.randn(n_out, 8))]
     opt = build_optimizer(params, TrainConfig(optimizer=optimizer))
     sum(p.square().sum() for p in params).backward()
@@ -290,3 +290,23 @@ def test_recipe_plan_reads_the_recipe(tmp_path):
     tree = yaml.safe_load(recipe.to_yaml())
     tree["lora"]["target_modules"] = ["q_proj", "v_proj"]
     assert TrainingPlan.from_recipe(recipe_from_dict(tree), "cpu").lora_targets == ("q_proj", "v_proj")
+
+
+def test_dry_run_prints_the_memory_plan_and_warns(tmp_path, capsys):
+    from dpo.cli import main
+    from tests.helpers import build_tiny_model, write_pairs, write_recipe
+
+    model = build_tiny_model(tmp_path / "model")
+    train, eval_ = write_pairs(tmp_path / "data", train=16, eval=8)
+    recipe = write_recipe(tmp_path / "recipe.yaml", {
+        "model": {"path": str(model), "quantization": {"bits": 4}, "gradient_checkpointing": True},
+        "data": {"train": str(train), "eval": str(eval_), "max_length": 64, "max_prompt_length": 48},
+        "train": {"batch_size": 4},
+        "output": {"dir": str(tmp_path / "out")},
+    })
+    main([str(recipe), "--dry-run", "--set", "model.max_memory_gb=0.0001"])
+    out = capsys.readouterr().out
+    assert "# memory (estimated peak on a CUDA device, 4-bit base, LoRA r=16)" in out
+    assert "batch of 8 rows" in out  # 4 pairs, two rows each
+    assert "warning: the estimated peak" in out and "(model.max_memory_gb)" in out
+    assert not (tmp_path / "out").exists()

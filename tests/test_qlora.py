@@ -17,7 +17,14 @@ import torch
 
 from dpo.cli import main
 from dpo.data import collate_paired, prepare_data
-from dpo.model import LogprobSettings, add_lora, is_quantized, load_base_model, load_tokenizer, sequence_logprobs
+from dpo.model import (
+    LogprobSettings,
+    add_lora,
+    is_quantized,
+    load_base_model,
+    load_tokenizer,
+    sequence_logprobs,
+)
 from dpo.recipe import LoraConfig, ModelConfig, RecipeError, TrainConfig, load_recipe
 from dpo.trainer import build_optimizer
 from tests.helpers import build_tiny_model, write_jsonl, write_recipe
