@@ -21,12 +21,15 @@ def collate_paired(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, t
         pad_token_id: the id written on padding positions of ``input_ids``.
 
     Returns:
-        ``input_ids`` [2B, T], ``attention_mask`` [2B, T], ``labels`` [2B, T] (long) and ``index`` [B] (long).
+        ``input_ids`` [2B, T], ``attention_mask`` [2B, T], ``labels`` [2B, T] (long) and ``index`` [B] (long);
+        ``margin`` [B] (float32) when the rows carry a margin (``prepare_data(margin_column=...)``).
     """
     sequences = [(r["prompt_ids"], r["chosen_ids"]) for r in rows]
     sequences += [(r["prompt_ids"], r["rejected_ids"]) for r in rows]
     batch = pad_sequences(sequences, pad_token_id)
     batch["index"] = torch.tensor([r["index"] for r in rows], dtype=torch.long)
+    if rows and "margin" in rows[0]:
+        batch["margin"] = torch.tensor([float(r["margin"]) for r in rows], dtype=torch.float32)
     return batch
 
 

@@ -39,7 +39,7 @@ from dpo.data.layouts import (
 from dpo.data.load import load_rows
 from dpo.data.stats import LengthSummary, TokenStats
 from dpo.data.tokenize import RowTokenizer
-from dpo.data.validate import BadRow, DataError, RowProblem, handle_bad_rows
+from dpo.data.validate import BadRow, DataError, RowProblem, handle_bad_rows, require_number
 
 IDS = datasets.Sequence(datasets.Value("int32"))
 PAIRED_FEATURES = datasets.Features(
@@ -97,6 +97,7 @@ def prepare_data(
     unpaired: bool,
     seed: int,
     log: Callable[[str], None] = print,
+    margin_column: str | None = None,
 ) -> PreparedData:
     """Read, validate, split and tokenize the recipe's data.
 
@@ -107,13 +108,15 @@ def prepare_data(
             undesirable row each.
         seed: the recipe's ``train.seed``: fixes the eval split, the unpaired shuffle and KL partners.
         log: where progress and summaries are printed.
+        margin_column: a numeric column of the data carried through as ``margin`` (one float per pair,
+            e.g. a rating gap for a reward model's margin); every row must hold a finite number there.
 
     Returns:
         The tokenized splits, their fingerprints, the layout and token statistics.
     """
-    train = read_canonical(data_cfg, data_cfg.train, "data.train", log)
+    train = read_canonical(data_cfg, data_cfg.train, "data.train", log, margin_column)
     if data_cfg.eval is not None:
-        evaluation = read_canonical(data_cfg, data_cfg.eval, "data.eval", log)
+        evaluation = read_canonical(data_cfg, data_cfg.eval, "data.eval", log, margin_column)
         if (evaluation.layout, evaluation.chat) != (train.layout, train.chat):
             raise DataError(
                 f"data.eval ({data_cfg.eval}) has layout {evaluation.layout}, but data.train has layout "
@@ -178,8 +181,13 @@ def prepare_data(
     )
 
 
-def read_canonical(data_cfg: Any, spec: str, key: str, log: Callable[[str], None]) -> Canonical:
-    """Read one source, detect (or take) its layout, and validate every row into canonical form."""
+def read_canonical(
+    data_cfg: Any, spec: str, key: str, log: Callable[[str], None], margin_column: str | None = None
+) -> Canonical:
+    """Read one source, detect (or take) its layout, and validate every row into canonical form.
+
+    With ``margin_column`` each canonical row also holds ``margin``, that column's value as a float.
+    """
     raw = load_rows(spec, split=data_cfg.split, key=key)
     if data_cfg.max_rows is not None:
         total = len(raw.rows) + len(raw.bad)
@@ -189,6 +197,11 @@ def read_canonical(data_cfg: Any, spec: str, key: str, log: Callable[[str], None
     columns = dict(data_cfg.columns)
     if columns:
         check_mapped_columns(raw.column_names(), columns, raw.source)
+    if margin_column is not None and margin_column not in raw.column_names():
+        raise DataError(
+            f"{raw.source}: reward.margin_column is '{margin_column}', but there is no such column; the columns "
+            f"are: {', '.join(raw.column_names())}"
+        )
     renamed = [(number, rename_columns(row, columns)) for number, row in raw.rows]
     names = list(dict.fromkeys(name for _, row in renamed for name in row))
     sample = _sample_row(renamed)
@@ -204,7 +217,8 @@ def read_canonical(data_cfg: Any, spec: str, key: str, log: Callable[[str], None
     bad = list(raw.bad)
     for number, row in renamed:
         try:
-            rows.append({"number": number, **normalise_row(row, layout, chat=chat)})
+            margin = {"margin": require_number(row, margin_column)} if margin_column is not None else {}
+            rows.append({"number": number, **normalise_row(row, layout, chat=chat), **margin})
         except RowProblem as problem:
             bad.append(BadRow(raw.source, raw.unit, number, problem.reason, problem.detail))
     bad.sort(key=lambda b: b.number)
@@ -257,7 +271,8 @@ def _tokenized_split(
     log: Callable[[str], None],
 ) -> tuple[datasets.Dataset, dict[str, Any], dict[str, np.ndarray]]:
     key = key_of({**settings, "rows": rows_hash(rows)})
-    cached = load_entry(cache_dir, key)
+    # An empty split is built at once and never cached: datasets cannot load an empty saved dataset back.
+    cached = load_entry(cache_dir, key) if rows else None
     if cached is not None:
         dataset, meta, arrays = cached
         dataset._fingerprint = meta["fingerprint"]
@@ -270,8 +285,9 @@ def _tokenized_split(
         rows, canonical, tokenizer, data_cfg, sides, template, template_label, unpaired=settings["unpaired"],
         seed=settings["seed"], log=log, name=name, key=key,
     )
-    with _quiet_datasets():
-        save_entry(cache_dir, key, dataset, meta, arrays)
+    if rows:
+        with _quiet_datasets():
+            save_entry(cache_dir, key, dataset, meta, arrays)
     return dataset, meta, arrays
 
 
@@ -332,8 +348,9 @@ def _tokenize(
         row_tokenizer,
         batched=True,
         num_proc=workers,
-        remove_columns=[c for c in source.column_names if c not in ("number", "label")],
-        features=_map_features(sides, with_label="label" in source.column_names),
+        remove_columns=[c for c in source.column_names if c not in ("number", "label", "margin")],
+        features=_map_features(sides, with_label="label" in source.column_names,
+                               with_margin="margin" in source.column_names),
         new_fingerprint=key,
         desc=f"tokenizing {name}",
     )
@@ -368,7 +385,7 @@ def _tokenize(
     return dataset, meta, arrays
 
 
-def _map_features(sides: tuple[str, ...], *, with_label: bool) -> datasets.Features:
+def _map_features(sides: tuple[str, ...], *, with_label: bool, with_margin: bool = False) -> datasets.Features:
     features = {
         "number": datasets.Value("int64"),
         "prompt_ids": IDS,
@@ -381,12 +398,16 @@ def _map_features(sides: tuple[str, ...], *, with_label: bool) -> datasets.Featu
         features[f"{side}_length"] = datasets.Value("int32")
     if with_label:
         features["label"] = datasets.Value("bool")
+    if with_margin:
+        features["margin"] = datasets.Value("float64")
     return datasets.Features(features)
 
 
 def _paired_dataset(kept: datasets.Dataset) -> datasets.Dataset:
-    columns = kept.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).flatten_indices()
-    return columns.add_column("index", np.arange(len(kept), dtype=np.int64)).cast(PAIRED_FEATURES)
+    margin = ["margin"] if "margin" in kept.column_names else []
+    columns = kept.select_columns(["prompt_ids", "chosen_ids", "rejected_ids", *margin]).flatten_indices()
+    features = datasets.Features({**PAIRED_FEATURES, "margin": datasets.Value("float64")}) if margin else PAIRED_FEATURES
+    return columns.add_column("index", np.arange(len(kept), dtype=np.int64)).cast(features)
 
 
 def _unpaired_dataset(kept: datasets.Dataset, *, paired: bool, seed: int | None, max_length: int) -> datasets.Dataset:

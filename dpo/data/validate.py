@@ -7,6 +7,7 @@ reason is printed. Nothing is dropped without being counted.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ MISMATCHED_PROMPTS = "mismatched prompts"
 UNKNOWN_ROLE = "unknown role"
 MALFORMED_MESSAGES = "malformed messages"
 BAD_LABEL = "bad label"
+NOT_A_NUMBER = "non-numeric value"
 
 ROLES = ("system", "user", "assistant")
 MAX_LISTED = 50
@@ -125,6 +127,14 @@ def require_flag(row: dict[str, Any], field: str, meaning: str) -> bool:
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
     raise RowProblem(BAD_LABEL, f"'{field}' is {_short(value)}; expected true/false or 1/0 ({meaning})")
+
+
+def require_number(row: dict[str, Any], field: str) -> float:
+    """A finite number (booleans are refused: a flag is not a magnitude)."""
+    value = require_present(row, field)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RowProblem(NOT_A_NUMBER, f"'{field}' is {_short(value)}, expected a finite number")
+    return float(value)
 
 
 def _short(value: Any) -> str:
