@@ -182,6 +182,28 @@ def merge_command(
         _fail(str(exc))
 
 
+@app.command("score")
+def score_command(
+    reward_model: Annotated[Path, typer.Option("--reward-model", help="Run directory of a `task: reward` run "
+                                               "(its output.dir).", show_default=False)],
+    data: Annotated[Path, typer.Option("--data", help="Rows with prompt and completion (text, or chat messages): "
+                                       ".jsonl, .json, .parquet, .csv or a save_to_disk folder.", show_default=False)],
+    out: Annotated[Path | None, typer.Option("--out", help="JSON-lines file to write (default: NAME.scores.jsonl "
+                                             "beside the data file).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Rows per forward pass.")] = 16,
+) -> None:
+    """Score each (prompt, completion) row with a trained reward model; writes each row with a `score` field."""
+    import torch
+
+    from dpo.reward import load_reward_run
+    from dpo.scoring import score_file
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        run = load_reward_run(reward_model, device)
+        score_file(run, data, out, batch_size, device, log=typer.echo)
+    except _user_errors() as exc:
+        _fail(str(exc))
 
 
 COMMANDS = {"train"}

@@ -272,6 +272,20 @@ class ReferenceConfig(_Section):
     verify: int = Field(0, ge=0)
 
 
+# --------------------------------------------------------------------------------------------- reward
+
+
+class RewardConfig(_Section):
+    """A Bradley–Terry reward model (``task: reward``): per pair −log σ(r_c − r_r − m) + c·(r_c + r_r)².
+
+    ``margin_column`` names a numeric column of the data holding m for each pair (m = 0 without it);
+    ``center_weight`` is c, which keeps rewards near zero so that their scale stays comparable.
+    """
+
+    margin_column: str | None = None
+    center_weight: float = Field(0.0, ge=0)
+
+
 # --------------------------------------------------------------------------------------------- output
 
 
@@ -284,15 +298,17 @@ class OutputConfig(_Section):
 
 
 class Recipe(_Section):
-    """A whole run. ``task: preference`` trains a policy adapter with a loss from ``dpo.losses``."""
+    """A whole run. ``task: preference`` trains a policy adapter with a loss from ``dpo.losses``;
+    ``task: reward`` trains a Bradley–Terry reward model (``reward:``) on the same pairs, with no loss section."""
 
-    task: Literal["preference"] = "preference"
+    task: Literal["preference", "reward"] = "preference"
     model: ModelConfig
     data: DataConfig
     lora: LoraConfig = LoraConfig()
     loss: LossConfig = DPOLoss(name="dpo")
     train: TrainConfig = TrainConfig()
     reference: ReferenceConfig = ReferenceConfig()
+    reward: RewardConfig = RewardConfig()
     output: OutputConfig
 
     @field_validator("loss", mode="before")
@@ -309,12 +325,31 @@ class Recipe(_Section):
                 "model.dtype: float16 needs train.loss_scaler: true (float16 gradients underflow without "
                 "loss scaling); or use bfloat16 or float32"
             )
+        self._task_sections()
         if self.loss.name == "kto" and self.train.batch_size < 2:
             raise ValueError(
                 "train.batch_size: kto needs at least 2 rows per batch (its KL estimate pairs each prompt "
                 "with another row's completion)"
             )
         return self
+
+    def _task_sections(self) -> None:
+        """Settings for the other task are refused rather than silently ignored (its section may only hold
+        defaults, as a resolved recipe does)."""
+        if self.task == "preference" and self.reward != RewardConfig():
+            raise ValueError("reward: this section is used only with task: reward; remove it or set task: reward")
+        if self.task != "reward":
+            return
+        if self.loss != DPOLoss(name="dpo"):
+            raise ValueError(
+                "loss: task: reward trains a Bradley–Terry reward model and takes no loss section; remove it "
+                "(the reward model's options are reward.margin_column and reward.center_weight)"
+            )
+        if self.reference.model_path is not None:
+            raise ValueError("reference.model_path: a reward model has no reference model; remove it")
+        if self.data.layout == "unpaired":
+            raise ValueError("data.layout: a reward model ranks pairs; unpaired rows (prompt, completion, label) "
+                             "have none to rank")
 
     def to_yaml(self) -> str:
         """The fully resolved recipe (every default filled in) as YAML."""

@@ -232,6 +232,16 @@ def preference_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
                       fingerprints=fingerprints)
 
 
+def reward_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
+    """Bradley–Terry reward model on the same pairs (see ``dpo.reward``); no reference pass."""
+    from dpo.reward import reward_parts
+
+    parts = reward_parts(recipe, device, log)
+    return TrainSetup(parts.model, parts.tokenizer, parts.train_rows, parts.eval_rows, parts.collate, parts.loss_fn,
+                      headline=("rewards/accuracies", "held-out reward-model accuracy"),
+                      fingerprints=parts.fingerprints)
+
+
 # ------------------------------------------------------------------------------------------ the loop
 
 
@@ -302,7 +312,7 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
     device = accelerator.device
 
     # 1. Data, model and loss for the recipe's task.
-    setup = preference_setup(recipe, device, log)
+    setup = reward_setup(recipe, device, log) if recipe.task == "reward" else preference_setup(recipe, device, log)
     model, loss_fn = setup.model, setup.loss_fn
     run = run_record(recipe_tree, setup.fingerprints, accelerator.num_processes)
     if checkpoint is not None:
