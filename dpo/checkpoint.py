@@ -329,14 +329,26 @@ def _optimizer_files(optimizer, param_names: list[str]) -> tuple[dict[str, Tenso
     tensors: dict[str, Tensor] = {}
     values: dict[str, dict[str, Any]] = {}
     seen: set[int] = set()
+
+    def put(name: str, value: Tensor) -> None:
+        value = value.detach().cpu().contiguous()
+        if value.data_ptr() in seen and value.numel() > 0:
+            value = value.clone()  # safetensors refuses tensors that share memory (8-bit quantile maps)
+        seen.add(value.data_ptr())
+        tensors[name] = value
+
     for index, entries in state_dict["state"].items():
         for key, value in entries.items():
             if isinstance(value, Tensor):
-                value = value.detach().cpu().contiguous()
-                if value.data_ptr() in seen and value.numel() > 0:
-                    value = value.clone()  # safetensors refuses tensors that share memory (8-bit quantile maps)
-                seen.add(value.data_ptr())
-                tensors[f"{index}.{key}"] = value
+                put(f"{index}.{key}", value)
+            elif isinstance(value, dict):
+                # bitsandbytes keeps its 8-bit moments and quantile maps in one nested dict per parameter.
+                nested = values.setdefault(str(index), {}).setdefault(key, {})
+                for sub, item in value.items():
+                    if isinstance(item, Tensor):
+                        put(f"{index}.{key}.{sub}", item)
+                    else:
+                        nested[sub] = item
             else:
                 values.setdefault(str(index), {})[key] = value
     meta = {"param_names": param_names, "param_groups": state_dict["param_groups"], "values": values}
@@ -576,8 +588,12 @@ def _restore_optimizer(optimizer, directory: Path, param_names: list[str]) -> No
                               f"({len(meta.get('param_names', []))} saved, {len(param_names)} trained now)")
     state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in meta["values"].items()}
     for key, tensor in _read_safetensors(directory / "optimizer.safetensors").items():
-        index, _, name = key.partition(".")
-        state.setdefault(int(index), {})[name] = tensor
+        index, name, *sub = key.split(".", 2)
+        entry = state.setdefault(int(index), {})
+        if sub:  # a tensor of a nested dict (see _optimizer_files)
+            entry.setdefault(name, {})[sub[0]] = tensor
+        else:
+            entry[name] = tensor
     try:
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     except (KeyError, ValueError) as exc:
