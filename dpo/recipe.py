@@ -345,8 +345,9 @@ class Recipe(_Section):
                 "loss: task: reward trains a Bradley–Terry reward model and takes no loss section; remove it "
                 "(the reward model's options are reward.margin_column and reward.center_weight)"
             )
-        if self.reference.model_path is not None:
-            raise ValueError("reference.model_path: a reward model has no reference model; remove it")
+        if self.reference.model_path is not None or self.reference.adapter is not None:
+            key = "reference.model_path" if self.reference.model_path is not None else "reference.adapter"
+            raise ValueError(f"{key}: a reward model has no reference model; remove it")
         if self.data.layout == "unpaired":
             raise ValueError("data.layout: a reward model ranks pairs; unpaired rows (prompt, completion, label) "
                              "have none to rank")
