@@ -206,6 +206,23 @@ def score_command(
         _fail(str(exc))
 
 
+@app.command("compare")
+def compare_command(
+    config: Annotated[Path, typer.Argument(help="Compare file (see recipes/compare-quickstart.yaml).",
+                                           show_default=False)],
+    set_: SetOpt = None,
+) -> None:
+    """Compare models side by side: reward, win rate, preference accuracy, KL drift, length, diversity."""
+    from dpo.compare import run_compare
+    from dpo.compare_config import CompareError, load_compare_config
+
+    try:
+        loaded = load_compare_config(config, set_ or [])
+        run_compare(loaded, source=str(config), log=typer.echo)
+    except (*_user_errors(), CompareError) as exc:
+        _fail(str(exc))
+
+
 COMMANDS = {"train"}
 
 

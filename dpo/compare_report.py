@@ -1,0 +1,228 @@
+"""The comparison report: every number in ``report.json``, the same numbers in ``report.md``, and plots.
+
+The Markdown is rendered from the JSON content alone (each number through :func:`fmt`), so the two cannot
+disagree. Nothing time- or machine-dependent beyond the device and library versions is written, so the same
+compare file and seed give byte-identical JSON and Markdown.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpo import compare_metrics as cm
+from dpo.generate import completion_text
+
+Log = Callable[[str], None]
+
+# (JSON section, key, column heading) of the per-model table, in order.
+COLUMNS = [
+    ("reward", "mean", "reward"),
+    ("reward", "win_rate", "win rate"),
+    ("reward", "win_rate_length_controlled", "win rate, length ±10%"),
+    ("reward", "length_controlled_pairs", "pairs, length ±10%"),
+    ("preference_accuracy", "value", "preference accuracy"),
+    ("drift", "kl", "KL(π‖π_ref)"),
+    ("drift", "kl_standard_error", "KL s.e."),
+    ("verbosity", "mean_length", "mean length"),
+    ("verbosity", "median_length", "median length"),
+    ("verbosity", "ended_fraction", "ended with EOS"),
+    ("diversity", "distinct_1", "distinct-1"),
+    ("diversity", "distinct_2", "distinct-2"),
+    ("diversity", "mean_token_entropy", "entropy/token"),
+]
+
+
+def fmt(value: Any) -> str:
+    """How a number appears in the Markdown: integers as they are, floats with 4 decimals, None as n/a."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.4f}"
+
+
+def lengths(samples) -> list[int]:
+    """Completion lengths in tokens, without the EOS."""
+    return [len(ids) - int(ended) for ids, ended in zip(samples.completion_ids, samples.ended)]
+
+
+def model_numbers(result, reference) -> dict[str, Any]:
+    """Every per-model number of the report (see the module docstring of :mod:`dpo.compare_metrics`)."""
+    samples = result.samples
+    own_lengths, reference_lengths = lengths(samples), lengths(reference.samples)
+    controlled, controlled_pairs = cm.length_controlled_win_rate(result.scores, reference.scores, own_lengths,
+                                                                 reference_lengths)
+    kl, kl_se = cm.mean_and_standard_error([a - b for a, b in zip(result.logps, result.reference_logps)])
+    tokens = sum(len(ids) for ids in samples.completion_ids)
+    contents = [ids[:length] for ids, length in zip(samples.completion_ids, own_lengths)]
+    return {
+        "name": result.name,
+        "reward": {
+            "mean": cm.mean(result.scores),
+            "win_rate": cm.win_rate(result.scores, reference.scores),
+            "win_rate_length_controlled": controlled,
+            "length_controlled_pairs": controlled_pairs,
+        },
+        "preference_accuracy": {"value": result.preference_accuracy, "method": result.accuracy_method},
+        "drift": {"kl": kl, "kl_standard_error": kl_se, "samples": len(result.logps)},
+        "verbosity": {
+            "mean_length": cm.mean(own_lengths),
+            "median_length": cm.median(own_lengths),
+            "ended_fraction": cm.mean([float(e) for e in samples.ended]),
+        },
+        "diversity": {
+            "distinct_1": cm.distinct_n(contents, 1),
+            "distinct_2": cm.distinct_n(contents, 2),
+            "mean_token_entropy": math.fsum(samples.entropy_sum) / tokens if tokens else None,
+        },
+    }
+
+
+def software() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    return {"torch": str(torch.__version__), "transformers": str(transformers.__version__), "peft": str(peft.__version__)}
+
+
+def build_report(config, source: str, prompts: list[Any], results: list, reward: dict[str, Any],
+                 device) -> dict[str, Any]:
+    """The JSON content of the report: settings, per-model numbers, the reward model's own accuracy."""
+    reference = next(r for r in results if r.name == config.reference_name)
+    settings = config.model_dump(mode="json", exclude={"output"})
+    settings.update(compare_file=source, reference=config.reference_name, prompt_count=len(prompts),
+                    samples_per_model=len(prompts) * config.generation.samples_per_prompt,
+                    device=str(device), software=software())
+    return {
+        "settings": settings,
+        "models": [model_numbers(r, reference) for r in results],
+        "reward_model": reward,
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """``report.md``, from the JSON content only."""
+    settings = report["settings"]
+    reference = settings["reference"]
+    generation = settings["generation"]
+    lines = [
+        "# Model comparison",
+        "",
+        f"{len(report['models'])} models, {settings['prompt_count']} prompts, "
+        f"{generation['samples_per_prompt']} sample(s) per prompt ({settings['samples_per_model']} per model), "
+        f"reference model **{reference}**, reward model `{report['reward_model']['path']}`.",
+        "",
+        "| model | " + " | ".join(heading for _, _, heading in COLUMNS) + " |",
+        "|---|" + "---:|" * len(COLUMNS),
+    ]
+    for model in report["models"]:
+        cells = [fmt(model[section][key]) for section, key, _ in COLUMNS]
+        lines.append(f"| {model['name']} | " + " | ".join(cells) + " |")
+    reward = report["reward_model"]
+    lines += ["", "## Preference accuracy on the held-out pairs", ""]
+    if reward["pairs"]:
+        lines.append(f"Reward model (its own score): **{fmt(reward['preference_accuracy'])}** on {reward['pairs']} pairs.")
+        lines.append("")
+        for model in report["models"]:
+            accuracy = model["preference_accuracy"]
+            lines.append(f"- {model['name']}: {fmt(accuracy['value'])}, by {accuracy['method']}")
+    else:
+        lines.append("No held-out pairs were given (`pairs:`), so no preference accuracy was measured.")
+    lines += [
+        "",
+        "## What the columns mean",
+        "",
+        f"- **reward**: mean reward-model score of the model's samples. **win rate**: against {reference}'s sample "
+        "with the same prompt and sample number, scored by the reward model; a tie counts half.",
+        "- **win rate, length ±10%**: the same, over only the pairs whose lengths differ by under 10% of the longer "
+        "(equal lengths included), a length-controlled view; **pairs, length ±10%** is how many pairs that is.",
+        "- **KL(π‖π_ref)**: mean over the model's own samples of log π(y|x) − log π_ref(y|x) (summed over completion "
+        f"tokens, EOS included; π_ref = {reference}), with its standard error s/√n. Log-probs are the models' own "
+        "(temperature 1, no top-p), so with other sampling settings this estimates drift, not the sampler's KL.",
+        "- **mean / median length**: completion tokens without the EOS. **ended with EOS**: the fraction of samples "
+        "that stopped before max_new_tokens.",
+        "- **distinct-1 / distinct-2**: distinct token unigrams / bigrams over all the model's samples (within "
+        "samples). **entropy/token**: the policy's entropy (nats) at each sampled position, from its raw logits, "
+        "averaged over all completion tokens.",
+        "",
+        "## Plots",
+        "",
+        "![reward against KL](reward_vs_kl.png)",
+        "",
+        "![length distributions](lengths.png)",
+        "",
+        "## Settings",
+        "",
+        "```yaml",
+        yaml.safe_dump(settings, sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], model_lengths: dict[str, list[int]], out_dir: Path) -> list[Path]:
+    """``reward_vs_kl.png`` (mean reward against KL, with the KL's standard error) and ``lengths.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = report["models"]
+    figure, axes = plt.subplots(figsize=(6, 4.5))
+    for model in models:
+        kl, se, reward = model["drift"]["kl"], model["drift"]["kl_standard_error"], model["reward"]["mean"]
+        axes.errorbar([kl], [reward], xerr=[se or 0.0], fmt="o", capsize=4, label=model["name"])
+        axes.annotate(model["name"], (kl, reward), textcoords="offset points", xytext=(6, 6))
+    axes.set_xlabel(f"KL(π ‖ π_ref), nats per sample (π_ref = {report['settings']['reference']})")
+    axes.set_ylabel("mean reward-model score")
+    axes.set_title("Reward against drift from the reference")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    reward_path = out_dir / "reward_vs_kl.png"
+    figure.savefig(reward_path, dpi=120, metadata={"Software": None})
+    plt.close(figure)
+
+    figure, axes = plt.subplots(figsize=(6, 4.5))
+    longest = max((max(values, default=0) for values in model_lengths.values()), default=0)
+    bins = [b - 0.5 for b in range(longest + 2)]
+    for name, values in model_lengths.items():
+        axes.hist(values, bins=bins, histtype="step", linewidth=1.5, label=name)
+    axes.set_xlabel("completion length (tokens, without EOS)")
+    axes.set_ylabel("samples")
+    axes.set_title("Length distributions")
+    axes.legend()
+    figure.tight_layout()
+    lengths_path = out_dir / "lengths.png"
+    figure.savefig(lengths_path, dpi=120, metadata={"Software": None})
+    plt.close(figure)
+    return [reward_path, lengths_path]
+
+
+def write_report(report: dict[str, Any], results: list, prompts: list[Any], decode, eos_id: int, out_dir: Path,
+                 log: Log) -> None:
+    """``report.json``, ``report.md``, ``samples.jsonl`` (every sample with its numbers) and the plots."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    (out_dir / "report.md").write_text(markdown(report), encoding="utf-8")
+    with open(out_dir / "samples.jsonl", "w", encoding="utf-8") as handle:
+        for result in results:
+            samples, sample_lengths = result.samples, lengths(result.samples)
+            for i, prompt_index in enumerate(samples.prompt_index):
+                handle.write(json.dumps({
+                    "model": result.name, "prompt_index": prompt_index, "prompt": prompts[prompt_index],
+                    "completion": completion_text(samples.completion_ids[i], decode, eos_id),
+                    "length": sample_lengths[i], "ended": samples.ended[i], "score": result.scores[i],
+                    "logp": result.logps[i], "reference_logp": result.reference_logps[i],
+                }, ensure_ascii=False) + "\n")
+    plot(report, {r.name: lengths(r.samples) for r in results}, out_dir)
+    log(f"report written to {out_dir / 'report.md'} (numbers in report.json, samples in samples.jsonl)")
