@@ -143,7 +143,9 @@ def dry_run_report(recipe: Recipe) -> None:
     typer.echo(recipe.to_yaml())
     spec = get_loss(recipe.loss.name)
     tokenizer = load_tokenizer(recipe.model)
-    data = prepare_data(recipe.data, tokenizer, unpaired=not spec.paired, seed=recipe.train.seed, log=typer.echo)
+    margin_column = recipe.reward.margin_column if recipe.task == "reward" else None
+    data = prepare_data(recipe.data, tokenizer, unpaired=not spec.paired, seed=recipe.train.seed, log=typer.echo,
+                        margin_column=margin_column)
     typer.echo(f"# data (layout: {data.layout})")
     typer.echo(data.stats.format())
     typer.echo(f"train examples: {len(data.train)}, eval examples: {len(data.eval)}")
