@@ -57,7 +57,7 @@ _TRASH_PREFIX = ".old-"
 # Recipe keys that cannot change the trained result (logging, saving, where things go), so a resume
 # ignores them.
 IGNORED_ON_RESUME = frozenset({
-    "output.dir", "output.tensorboard", "train.log_every", "train.eval_every", "train.save_every",
+    "output.dir", "train.log_every", "train.eval_every", "train.save_every",
     "train.keep_last", "train.max_bad_steps", "data.num_proc", "data.cache_dir", "reference.batch_size",
     "reference.cache_dir", "reference.verify",
 })

@@ -290,8 +290,9 @@ class RewardConfig(_Section):
 
 
 class OutputConfig(_Section):
+    """Where a run writes its recipe, metrics, adapter and checkpoints."""
+
     dir: str
-    tensorboard: bool = False
 
 
 # --------------------------------------------------------------------------------------------- recipe
