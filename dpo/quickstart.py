@@ -6,7 +6,7 @@ Everything is deterministic from a seed and needs no download. ``python -m dpo.q
 ``recipes/quickstart.yaml`` points at ``recipes/quickstart``, which ships these files.
 
 The task (see ``data_cards/quickstart-arithmetic.md``): questions about an integer whose answer depends
-only on its last digit ("Is 347 even or odd?", "What is the last digit of 347?", "What is 347 mod 5?").
+only on its last digit ("Parity of 347:", "Last digit of 347:", "Mod 5 of 347:").
 The chosen completion is the correct answer, the rejected one a wrong answer of the same form, so a
 policy that learns the rule ranks held-out pairs correctly.
 """
@@ -80,23 +80,22 @@ def build_model(vocab_size: int, *, hidden_size: int = 64, layers: int = 2, head
 
 
 def _question(number: int, kind: str) -> tuple[str, str, list[str]]:
-    """Return (prompt, correct answer, wrong answers) for one question."""
+    """Return (prompt, correct answer, wrong answers) for one question.
+
+    The prompt ends with the number, so the deciding digit sits two tokens before the answer's first letter.
+    """
     last = number % 10
     if kind == "parity":
         correct = "even" if number % 2 == 0 else "odd"
-        return f"Is {number} even or odd? Answer:", f" {correct}", [f" {'odd' if correct == 'even' else 'even'}"]
+        return f"Parity of {number}:", f" {correct}", [f" {'odd' if correct == 'even' else 'even'}"]
     if kind == "last_digit":
-        return (
-            f"What is the last digit of {number}? Answer:",
-            f" {last}",
-            [f" {d}" for d in range(10) if d != last],
-        )
+        return f"Last digit of {number}:", f" {last}", [f" {d}" for d in range(10) if d != last]
     if kind == "mod5":
-        return f"What is {number} mod 5? Answer:", f" {number % 5}", [f" {d}" for d in range(5) if d != number % 5]
+        return f"Mod 5 of {number}:", f" {number % 5}", [f" {d}" for d in range(5) if d != number % 5]
     raise ValueError(f"unknown question kind {kind!r}")
 
 
-def make_pairs(count: int, seed: int, numbers: range = range(10, 1000)) -> list[dict[str, str]]:
+def make_pairs(count: int, seed: int, numbers: range | list[int] = range(10, 1000)) -> list[dict[str, str]]:
     """``count`` preference pairs ``{prompt, chosen, rejected}``; chosen is correct by the rule."""
     rng = random.Random(seed)
     kinds = ["parity", "last_digit", "mod5"]
@@ -109,13 +108,14 @@ def make_pairs(count: int, seed: int, numbers: range = range(10, 1000)) -> list[
 
 def is_correct(prompt: str, answer: str) -> bool:
     """The rule that labels the data: does ``answer`` correctly answer ``prompt``?"""
-    number = int("".join(c for c in prompt.split("?")[0] if c.isdigit()) or -1)
-    if prompt.startswith("What is") and "mod 5" in prompt:
-        number = int(prompt.split()[2])
-        return answer.strip() == str(number % 5)
-    if prompt.startswith("Is "):
+    number = int(prompt.rstrip(":").split()[-1])
+    if prompt.startswith("Parity of"):
         return answer.strip() == ("even" if number % 2 == 0 else "odd")
-    return answer.strip() == str(number % 10)
+    if prompt.startswith("Mod 5 of"):
+        return answer.strip() == str(number % 5)
+    if prompt.startswith("Last digit of"):
+        return answer.strip() == str(number % 10)
+    raise ValueError(f"not a quickstart question: {prompt!r}")
 
 
 def write_assets(directory: str | Path, *, train_pairs: int = 2000, eval_pairs: int = 200, seed: int = 0) -> Path:

@@ -31,17 +31,20 @@ def test_every_loss_has_a_quickstart_recipe():
 def test_loss_recipe_shortened_improves_held_out_preference(tmp_path, path):
     out = tmp_path / "run"
     recipe = load_recipe(path)
-    # KTO compares rows one at a time, without the within-pair contrast, and needs its full (1,500-step)
-    # schedule before the held-out gap opens; the paired losses are shortened to 400 steps.
-    steps = recipe.train.max_steps if recipe.loss.name == "kto" else 400
+    # KTO compares rows one at a time, without the within-pair contrast, and needs its full (1,000-step)
+    # schedule before the held-out gap opens; the paired losses are shortened to 250 steps.
+    steps = recipe.train.max_steps if recipe.loss.name == "kto" else 250
     main([str(path), "--set", f"output.dir={out}", "--set", f"train.max_steps={steps}",
-          "--set", "train.log_every=100"])
+          "--set", "train.log_every=50"])
     final = json.loads((out / "final_metrics.json").read_text())
     before, after = final["eval_before"], final["eval_after"]
     if "rewards/accuracies" in before:
         # Reference-based rewards start exactly tied (0.5); reference-free ones start wherever the
         # random model's own log-probs put them.
-        assert after["rewards/accuracies"] >= max(0.6, before["rewards/accuracies"] + 0.08), (before, after)
-    else:  # KTO: desirable rows' implicit reward pulls ahead of undesirable rows'
+        assert after["rewards/accuracies"] >= max(0.7, before["rewards/accuracies"] + 0.15), (before, after)
+    else:  # KTO: desirable rows' implicit reward pulls ahead of undesirable rows', in training and held out
         assert before["rewards/gap"] == pytest.approx(0.0, abs=1e-6)
-        assert after["rewards/gap"] > 0.02, (before, after)
+        last_train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                      if '"split": "train"' in line][-1]
+        assert last_train["rewards/desirable"] - last_train["rewards/undesirable"] > 0.05, last_train
+        assert after["rewards/gap"] > 0.0, (before, after)

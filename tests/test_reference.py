@@ -141,7 +141,7 @@ def test_key_changes_with_every_input_that_changes_the_values(tmp_path, assets):
     variants = {
         "data file content": make_recipe(assets, cache, data={"train": str(other_data)}),
         "tokenizer": make_recipe(assets, cache, model={"path": str(other_tokenizer)}),
-        "max_length": make_recipe(assets, cache, data={"max_length": 32, "max_prompt_length": 20}),
+        "max_length": make_recipe(assets, cache, data={"max_length": 16, "max_prompt_length": 12}),
         "reference model weights": make_recipe(assets, cache, model={"path": str(other_weights)}),
         "separate reference model": make_recipe(assets, cache, reference={"model_path": str(other_weights)}),
         "dtype": make_recipe(assets, cache, model={"dtype": "bfloat16"}),

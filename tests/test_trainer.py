@@ -95,7 +95,7 @@ def test_adapter_reloads_with_peft_and_reproduces_the_trained_log_probs(tmp_path
 def test_quickstart_task_held_out_accuracy_improves(tmp_path):
     """The shipped quickstart model and data, shortened: accuracy rises well above chance."""
     out = tmp_path / "qs"
-    main(["recipes/quickstart.yaml", "--set", f"output.dir={out}", "--set", "train.epochs=3",
+    main(["recipes/quickstart.yaml", "--set", f"output.dir={out}", "--set", "train.epochs=2",
           "--set", "train.eval_every=100000"])
     final = json.loads((out / "final_metrics.json").read_text())
     assert final["eval_before"]["rewards/accuracies"] == 0.5
