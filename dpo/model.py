@@ -79,6 +79,21 @@ def is_quantized(model: nn.Module) -> bool:
     return bool(getattr(lm, "is_loaded_in_4bit", False) or getattr(lm, "is_loaded_in_8bit", False))
 
 
+def from_pretrained_kwargs(config: ModelConfig, device: torch.device | str | None = None) -> dict:
+    """Keyword arguments for ``from_pretrained`` from the recipe's model section (dtype, remote code,
+    attention, and for a k-bit base its ``quantization_config`` placed on ``device``)."""
+    kwargs = {"dtype": _DTYPES[config.dtype], "trust_remote_code": config.trust_remote_code}
+    if config.attn_implementation is not None:
+        kwargs["attn_implementation"] = config.attn_implementation
+    quant = quantization_config(config)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["dtype"] = _DTYPES[config.quantization.compute_dtype]
+        if device is not None:
+            kwargs["device_map"] = {"": device}
+    return kwargs
+
+
 def load_base_model(config: ModelConfig, path: str | None = None, device: torch.device | str | None = None):
     """Load a causal LM from a local directory (or hub id) through ``from_pretrained``.
 
@@ -92,15 +107,8 @@ def load_base_model(config: ModelConfig, path: str | None = None, device: torch.
     source = path or config.path
     if config.trust_remote_code:
         print(f"model: trust_remote_code is ON for {source}: code from the model directory will run")
-    kwargs = {"dtype": _DTYPES[config.dtype], "trust_remote_code": config.trust_remote_code}
-    if config.attn_implementation is not None:
-        kwargs["attn_implementation"] = config.attn_implementation
-    quant = quantization_config(config)
-    if quant is not None:
-        kwargs["quantization_config"] = quant
-        kwargs["dtype"] = _DTYPES[config.quantization.compute_dtype]
-        if device is not None:
-            kwargs["device_map"] = {"": device}
+    kwargs = from_pretrained_kwargs(config, device)
+    quant = kwargs.get("quantization_config")
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as exc:

@@ -26,9 +26,8 @@ from dpo.losses import LossOutput
 from dpo.model import (
     ModelError,
     enable_checkpointing,
+    from_pretrained_kwargs,
     keep_4bit_layout_trainable,
-    quantization_config,
-    torch_dtype,
     trunk,
 )
 from dpo.recipe import LoraConfig, ModelConfig, Recipe, RecipeError, load_recipe
@@ -58,16 +57,10 @@ def load_reward_base(config: ModelConfig, device: torch.device | str | None = No
     """
     from transformers import AutoModelForSequenceClassification
 
-    kwargs = {"dtype": torch_dtype(config.dtype), "trust_remote_code": config.trust_remote_code, "num_labels": 1}
-    if config.attn_implementation is not None:
-        kwargs["attn_implementation"] = config.attn_implementation
-    quant = quantization_config(config)
+    kwargs = {**from_pretrained_kwargs(config, device), "num_labels": 1}
+    quant = kwargs.get("quantization_config")
     if quant is not None:
         quant.llm_int8_skip_modules = [HEAD]  # the head is trained in full precision, as the LM head is kept
-        kwargs["quantization_config"] = quant
-        kwargs["dtype"] = torch_dtype(config.quantization.compute_dtype)
-        if device is not None:
-            kwargs["device_map"] = {"": device}
     try:
         with quiet_load_report():
             model = AutoModelForSequenceClassification.from_pretrained(config.path, **kwargs)
