@@ -96,8 +96,7 @@ def train_command(
 ) -> None:
     """Train a LoRA adapter with the recipe's loss (the default command: `dpo-train RECIPE`).
 
-    Other commands: `dpo-train cache RECIPE`, `merge RUN_DIR --out DIR`, `score --reward-model RUN_DIR
-    --data FILE`, `compare FILE`; `dpo-train COMMAND --help` explains each.
+    Other commands: cache, merge, score, compare (`dpo-train COMMAND --help` explains each).
     """
     loaded = _load(recipe, _with_verify(set_, verify_reference))
     try:
