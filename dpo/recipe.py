@@ -222,7 +222,7 @@ LOSS_CONFIGS: dict[str, type[_Loss]] = {
 
 
 class TrainConfig(_Section):
-    """Optimisation settings. A step is one optimizer step (``batch_size * grad_accum`` pairs).
+    """Optimisation settings. A step is one optimizer step (``batch_size * grad_accum`` pairs per process).
 
     Checkpoints (``output.dir/checkpoints``) are written every ``save_every`` steps (null: only at the end
     and on SIGINT/SIGTERM), the ``keep_last`` newest kept. A step whose loss or gradient norm is not finite

@@ -13,6 +13,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -50,11 +51,17 @@ from dpo.model import (
     load_tokenizer,
     sequence_logprobs,
 )
+from dpo.parallel import average_gradients, broadcast_parameters, merge_sums, shard
 from dpo.recipe import Recipe, RecipeError, TrainConfig
 from dpo.reference import ReferenceLogps, length_sorted_batches
 from dpo.reference_setup import reference_logps as cached_reference_logps
 
 Log = Callable[[str], None]
+Gather = Callable[[object], list]
+
+# How long the other processes of a multi-process run wait for the main one to prepare the data and fill
+# the reference cache (precompute it beforehand with `dpo-train cache` to not wait at all).
+SETUP_TIMEOUT = timedelta(hours=6)
 
 
 # --------------------------------------------------------------------------------------- small pieces
@@ -133,8 +140,12 @@ def batch_loss(policy, batch: dict[str, Tensor], spec: LossSpec, options: dict[s
 
 
 @torch.no_grad()
-def evaluate(model, loader: DataLoader, loss_fn, device) -> dict[str, float]:
-    """Loss and metrics averaged over every example of ``loader`` (model in eval mode: no dropout)."""
+def evaluate(model, loader: DataLoader, loss_fn, device, gather: Gather = lambda obj: [obj]) -> dict[str, float]:
+    """Loss and metrics averaged over every example of ``loader`` (model in eval mode: no dropout).
+
+    In a multi-process run each process evaluates its share of the batches and ``gather`` (accelerate's
+    ``gather_object``) brings every process's sums together, so all of them return the same means.
+    """
     was_training = model.training
     model.eval()
     window = MetricWindow()
@@ -143,11 +154,16 @@ def evaluate(model, loader: DataLoader, loss_fn, device) -> dict[str, float]:
         out = loss_fn(model, batch, "eval")
         window.add({"loss": out.losses, **out.metrics})
     model.train(was_training)
+    window = MetricWindow(*merge_sums(gather((window.sums, window.counts))))
     means = window.means()
     if "rewards/desirable" in means and "rewards/undesirable" in means:
         # Unpaired losses have no pairs to rank; the gap between the two kinds plays that role.
         means["rewards/gap"] = means["rewards/desirable"] - means["rewards/undesirable"]
     return means
+
+
+def _quiet(message: str) -> None:
+    """The log of processes other than the main one."""
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -293,63 +309,95 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
         CheckpointError: the output directory is refused, or the checkpoint is damaged or does not match.
         TrainingInterrupted: SIGINT/SIGTERM; the current step was finished and a checkpoint written.
         TooManyBadSteps: ``train.max_bad_steps`` steps in a row were non-finite; the last good checkpoint stays.
+
+    Launched as several processes (``accelerate launch`` or ``torchrun``), each one takes its share of every
+    epoch's micro-batches (see :mod:`dpo.parallel`), so a step's batch is ``batch_size * grad_accum`` pairs
+    per process; the main process prepares the data and the reference cache first, and alone writes files.
     """
     from accelerate import Accelerator
-    from accelerate.utils import gather_object, set_seed
+    from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 
     cfg = recipe.train
     out_dir = Path(recipe.output.dir)
     recipe_tree = yaml.safe_load(recipe.to_yaml())
+    set_seed(cfg.seed)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
+                              mixed_precision="fp16" if cfg.loss_scaler else "no",
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=SETUP_TIMEOUT)])
+    device = accelerator.device
+    world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    if not is_main:
+        log = _quiet  # the main process says everything once
 
     # 0. Output directory and the checkpoint to resume from, checked before anything slow.
-    prepare_output_dir(out_dir, resume=bool(resume), overwrite=overwrite, log=log)
+    if is_main:
+        prepare_output_dir(out_dir, resume=bool(resume), overwrite=overwrite, log=log)
+    accelerator.wait_for_everyone()
     checkpoint = find_checkpoint(out_dir, resume) if resume else None
     if checkpoint is not None:
         check_resume(recipe_differences(checkpoint.run, recipe_tree), checkpoint, force, log)
-    set_seed(cfg.seed)
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
-                              mixed_precision="fp16" if cfg.loss_scaler else "no")
-    device = accelerator.device
 
-    # 1. Data, model and loss for the recipe's task.
-    setup = reward_setup(recipe, device, log) if recipe.task == "reward" else preference_setup(recipe, device, log)
+    # 1. Data, model and loss for the recipe's task. The main process goes first: it fills the tokenized
+    # data and reference caches, which the others then read.
+    with accelerator.main_process_first():
+        setup = (reward_setup(recipe, device, log) if recipe.task == "reward"
+                 else preference_setup(recipe, device, log))
     model, loss_fn = setup.model, setup.loss_fn
-    run = run_record(recipe_tree, setup.fingerprints, accelerator.num_processes)
+    run = run_record(recipe_tree, setup.fingerprints, world)
     if checkpoint is not None:
         check_resume(run_differences(checkpoint.run, run), checkpoint, force, log)
         for note in version_notes(checkpoint.run, run):
             log(f"warning: resuming with {note}; the result may differ in the last bits")
-    write_text_atomic(out_dir / "recipe.yaml", recipe.to_yaml())
+    if is_main:
+        write_text_atomic(out_dir / "recipe.yaml", recipe.to_yaml())
     metrics_path = out_dir / "metrics.jsonl"
 
     # 2. Optimizer, schedule, data order.
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     param_names, params = [name for name, _ in trainable], [p for _, p in trainable]
-    optimizer = build_optimizer(params, cfg)
+    if world > 1:
+        # Every process starts from process 0's adapter, and draws its own dropout masks.
+        broadcast_parameters(params)
+        set_seed(cfg.seed + rank)
     num_rows = len(setup.train_rows)
     micro_batches = num_rows // cfg.batch_size if setup.drop_last else math.ceil(num_rows / cfg.batch_size)
     if micro_batches == 0:
         raise ValueError(f"data.train: {num_rows} training examples, fewer than train.batch_size "
                          f"({cfg.batch_size}) which this loss needs in every batch; lower train.batch_size")
-    steps_per_epoch = max(1, micro_batches // cfg.grad_accum)
+    if micro_batches < world:
+        raise ValueError(f"data.train: {num_rows} training examples make {micro_batches} micro-batches of "
+                         f"train.batch_size={cfg.batch_size}, fewer than the {world} processes that each need "
+                         "one; lower train.batch_size or use fewer processes")
+    if micro_batches % world:
+        log(f"note: {micro_batches} micro-batches an epoch over {world} processes: the last {micro_batches % world} "
+            "of each epoch's shuffled order are left out, so every process takes as many")
+    steps_per_epoch = max(1, micro_batches // world // cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    optimizer = build_optimizer(params, cfg)
+    # Not handed to accelerate.prepare: its scheduler wrapper would step once per process, and a DDP wrapper
+    # around the model would never see the log-prob path's forward (see dpo.parallel).
     scheduler = build_scheduler(optimizer, cfg, total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    optimizer = accelerator.prepare(optimizer)
     # Evaluation batches the held-out rows exactly as the reference precompute does, so an untrained
     # policy reproduces the reference bit for bit (margins exactly 0, accuracy exactly chance). The
     # loader gets its own generator: each pass draws a seed, which must not come from the global one that
     # dropout uses (eval_every may change on resume without changing the result).
+    eval_batches = shard(length_sorted_batches(setup.eval_rows, recipe.reference.batch_size), rank, world,
+                         whole_rounds=False)
     eval_loader = DataLoader(setup.eval_rows, collate_fn=setup.collate, generator=torch.Generator(),
-                             batch_sampler=length_sorted_batches(setup.eval_rows, recipe.reference.batch_size))
+                             batch_sampler=eval_batches)
     has_eval = len(setup.eval_rows) > 0
-    unwrapped = accelerator.unwrap_model(model)
+
+    def gather(obj) -> list:
+        return gather_object([obj]) if world > 1 else [obj]
 
     def save(loop: LoopState) -> Path | None:
-        loop.window_sums, loop.window_counts = dict(window.sums), dict(window.counts)
-        rng_states = gather_object([capture_rng()])
+        # The checkpoint holds the metric window of all processes, resumed by the main one alone.
+        loop.window_sums, loop.window_counts = merge_sums(gather((window.sums, window.counts)))
+        rng_states = gather(capture_rng())
         path = None
-        if accelerator.is_main_process:
-            path = save_checkpoint(out_dir, loop, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
+        if is_main:
+            path = save_checkpoint(out_dir, loop, model=model, optimizer=optimizer, scheduler=scheduler,
                                    scaler=accelerator.scaler, param_names=param_names, rng_states=rng_states,
                                    run=run, keep_last=cfg.keep_last, log=log)
         accelerator.wait_for_everyone()
@@ -357,30 +405,34 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
 
     # 3. Where to start: a checkpoint's state, or the untrained policy's held-out metrics.
     if checkpoint is not None:
-        loop = restore_checkpoint(checkpoint, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
-                                  scaler=accelerator.scaler, param_names=param_names,
-                                  process_index=accelerator.process_index)
-        if accelerator.is_main_process and rewind_metrics(metrics_path, loop.step, final=loop.step >= total_steps):
+        loop = restore_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler,
+                                  scaler=accelerator.scaler, param_names=param_names, process_index=rank)
+        if not is_main:
+            loop.window_sums, loop.window_counts = {}, {}
+        if is_main and rewind_metrics(metrics_path, loop.step, final=loop.step >= total_steps):
             log(f"metrics.jsonl: dropped the records after step {loop.step} (those steps run again)")
         log(f"resumed from {checkpoint.path}: step {loop.step} of {total_steps} "
             f"(epoch {loop.epoch}, micro-batch {loop.micro_batch})")
     else:
         loop = LoopState()
-        loop.eval_before = evaluate(model, eval_loader, loss_fn, device) if has_eval else {}
+        loop.eval_before = evaluate(model, eval_loader, loss_fn, device, gather) if has_eval else {}
         if loop.eval_before:
             log(describe_eval("before training", loop.eval_before))
-            append_jsonl(metrics_path, {"split": "eval", "step": 0, **loop.eval_before})
+            if is_main:
+                append_jsonl(metrics_path, {"split": "eval", "step": 0, **loop.eval_before})
     last_checkpoint, saved_step = (checkpoint.path, loop.step) if checkpoint is not None else (None, None)
 
-    # 4. The loop. A step is one optimizer update over grad_accum micro-batches; checkpoints fall between
-    # steps, where accelerate's accumulation counter is aligned, so a resumed run counts the same way.
+    # 4. The loop. A step is one optimizer update over grad_accum micro-batches (on every process);
+    # checkpoints fall between steps, where accelerate's accumulation counter is aligned, so a resumed run
+    # counts the same way. ``loop.micro_batch`` counts this process's micro-batches of the epoch.
     model.train()
     window = MetricWindow(dict(loop.window_sums), dict(loop.window_counts))
     tokens, window_start, step_losses = 0, time.perf_counter(), []
-    progress = tqdm(total=total_steps, initial=loop.step, desc="train", disable=not accelerator.is_main_process)
+    progress = tqdm(total=total_steps, initial=loop.step, desc="train", disable=not is_main)
     with StopSignals() as signals:
         while loop.step < total_steps:
-            batches = epoch_batches(num_rows, cfg.batch_size, cfg.seed, loop.epoch, setup.drop_last)
+            batches = shard(epoch_batches(num_rows, cfg.batch_size, cfg.seed, loop.epoch, setup.drop_last),
+                            rank, world, whole_rounds=True)
             while loop.micro_batch < len(batches) and loop.step < total_steps:
                 rows = [setup.train_rows[i] for i in batches[loop.micro_batch]]
                 loop.micro_batch += 1
@@ -391,11 +443,15 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
                     step_losses.append(float(loss.detach()))
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
+                        if world > 1:
+                            average_gradients(params)
                         loop.grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
                         applied = all(map(math.isfinite, step_losses)) and math.isfinite(loop.grad_norm)
+                        applied = all(gather(applied))  # a step is taken by every process or by none
                         if applied:
                             optimizer.step()
-                            scheduler.step()
+                            if not optimizer.step_was_skipped:  # the fp16 loss scaler found an overflow
+                                scheduler.step()
                         else:
                             # Skipped: with no gradients the optimizer moves nothing; a loss scaler still
                             # needs the call to record the overflow and lower its scale.
@@ -414,6 +470,9 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
                 too_many_bad = loop.consecutive_bad_steps >= cfg.max_bad_steps
                 if loop.step % cfg.log_every == 0 or loop.step == total_steps or too_many_bad:
                     elapsed = time.perf_counter() - window_start
+                    parts = gather((window.sums, window.counts, tokens))
+                    window = MetricWindow(*merge_sums([part[:2] for part in parts]))
+                    tokens = sum(part[2] for part in parts)
                     # Non-finite values are written as they are (json writes NaN / Infinity; Python reads them).
                     record = {"split": "train", "step": loop.step, "epoch": loop.epoch, **window.means(),
                               "grad_norm": loop.grad_norm, "lr": scheduler.get_last_lr()[0],
@@ -421,13 +480,15 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
                               "bad_steps": loop.bad_steps, "bad_steps_consecutive": loop.consecutive_bad_steps}
                     if accelerator.scaler is not None:
                         record["scaler_overflows"] = loop.scaler_overflows
-                    append_jsonl(metrics_path, record)
+                    if is_main:
+                        append_jsonl(metrics_path, record)
                     progress.set_postfix({k: f"{record[k]:.3f}" for k in ("loss", setup.headline[0]) if k in record})
                     window.reset()
                     tokens, window_start = 0, time.perf_counter()
                 if cfg.eval_every and loop.step % cfg.eval_every == 0 and loop.step < total_steps and has_eval:
-                    metrics = evaluate(model, eval_loader, loss_fn, device)
-                    append_jsonl(metrics_path, {"split": "eval", "step": loop.step, **metrics})
+                    metrics = evaluate(model, eval_loader, loss_fn, device, gather)
+                    if is_main:
+                        append_jsonl(metrics_path, {"split": "eval", "step": loop.step, **metrics})
                     log(describe_eval(f"step {loop.step}", metrics))
                 if too_many_bad:
                     kept = (f"the last good checkpoint is {last_checkpoint}; resume from it with --resume once the "
@@ -436,9 +497,7 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
                         f"stopped at step {loop.step}: {loop.consecutive_bad_steps} steps in a row had a non-finite "
                         f"loss or gradient norm (train.max_bad_steps={cfg.max_bad_steps}); {kept}. Lower train.lr, "
                         "set train.max_grad_norm, or check the data of these steps")
-                stop = signals.received is not None
-                if accelerator.num_processes > 1:
-                    stop = any(gather_object([stop]))  # every process stops at the same step
+                stop = any(gather(signals.received is not None))  # every process stops at the same step
                 periodic = cfg.save_every and loop.step % cfg.save_every == 0 and loop.consecutive_bad_steps == 0
                 if stop or periodic:
                     last_checkpoint, saved_step = save(loop), loop.step
@@ -455,14 +514,15 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
         last_checkpoint = save(loop)
 
     # 5. Held-out metrics after training, adapter and tokenizer.
-    after = evaluate(model, eval_loader, loss_fn, device) if has_eval else {}
+    after = evaluate(model, eval_loader, loss_fn, device, gather) if has_eval else {}
     if after:
         log(describe_eval("after training", after))
-        append_jsonl(metrics_path, {"split": "eval", "step": loop.step, **after})
+        if is_main:
+            append_jsonl(metrics_path, {"split": "eval", "step": loop.step, **after})
     adapter_dir = out_dir / "adapter"
     summary = {"eval_before": loop.eval_before, "eval_after": after, "steps": loop.step}
-    if accelerator.is_main_process:
-        unwrapped.save_pretrained(adapter_dir, safe_serialization=True)
+    if is_main:
+        model.save_pretrained(adapter_dir, safe_serialization=True)
         setup.tokenizer.save_pretrained(adapter_dir)
         write_text_atomic(out_dir / "final_metrics.json", json.dumps(summary, indent=2))
     key, label = setup.headline
