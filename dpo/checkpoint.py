@@ -49,7 +49,7 @@ MARKER = ".dpo-train"
 FORMAT = "dpo-train-checkpoint"
 FORMAT_VERSION = 1
 # What a run writes into its output directory; --overwrite removes exactly these (and the marker).
-RUN_OUTPUTS = ("recipe.yaml", "metrics.jsonl", "final_metrics.json", "adapter", CHECKPOINTS_DIR)
+RUN_OUTPUTS = ("recipe.yaml", "metrics.jsonl", "final_metrics.json", "adapter", CHECKPOINTS_DIR, "tensorboard")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TEMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".old-"

@@ -290,9 +290,14 @@ class RewardConfig(_Section):
 
 
 class OutputConfig(_Section):
-    """Where a run writes its recipe, metrics, adapter and checkpoints."""
+    """Where a run writes its recipe, metrics, adapter and checkpoints.
+
+    ``tensorboard`` also writes every metric record as TensorBoard scalars to ``dir/tensorboard/`` (needs the
+    ``tensorboard`` package: ``pip install 'dpo-train[tensorboard]'``).
+    """
 
     dir: str
+    tensorboard: bool = False
 
 
 # --------------------------------------------------------------------------------------------- recipe

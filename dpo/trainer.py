@@ -44,6 +44,7 @@ from dpo.checkpoint import (
 )
 from dpo.data import collate_paired, collate_unpaired, kto_balance_warning, prepare_data
 from dpo.losses import LossOutput, LossSpec, PairedLogps, UnpairedLogps, get_loss
+from dpo.metric_log import MetricLog, tensorboard_available
 from dpo.model import (
     LogprobSettings,
     add_lora,
@@ -164,11 +165,6 @@ def evaluate(model, loader: DataLoader, loss_fn, device, gather: Gather = lambda
 
 def _quiet(message: str) -> None:
     """The log of processes other than the main one."""
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
 
 
 def describe_eval(tag: str, metrics: dict[str, float]) -> str:
@@ -320,6 +316,9 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
     cfg = recipe.train
     out_dir = Path(recipe.output.dir)
     recipe_tree = yaml.safe_load(recipe.to_yaml())
+    if recipe.output.tensorboard and not tensorboard_available():
+        raise RecipeError("output.tensorboard: true needs the tensorboard package (pip install "
+                          "'dpo-train[tensorboard]'), or set output.tensorboard: false")
     set_seed(cfg.seed)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
                               mixed_precision="fp16" if cfg.loss_scaler else "no",
@@ -350,7 +349,7 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
             log(f"warning: resuming with {note}; the result may differ in the last bits")
     if is_main:
         write_text_atomic(out_dir / "recipe.yaml", recipe.to_yaml())
-    metrics_path = out_dir / "metrics.jsonl"
+    metrics_path = out_dir / "metrics.jsonl"  # written through MetricLog, by the main process only
 
     # 2. Optimizer, schedule, data order.
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -415,11 +414,14 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
             f"(epoch {loop.epoch}, micro-batch {loop.micro_batch})")
     else:
         loop = LoopState()
+    # Events are flushed record by record, so a run that stops early loses none of them.
+    metric_log = MetricLog(out_dir, tensorboard=recipe.output.tensorboard, enabled=is_main,
+                           resumed_step=loop.step if checkpoint is not None else None)
+    if checkpoint is None:
         loop.eval_before = evaluate(model, eval_loader, loss_fn, device, gather) if has_eval else {}
         if loop.eval_before:
             log(describe_eval("before training", loop.eval_before))
-            if is_main:
-                append_jsonl(metrics_path, {"split": "eval", "step": 0, **loop.eval_before})
+            metric_log.write({"split": "eval", "step": 0, **loop.eval_before})
     last_checkpoint, saved_step = (checkpoint.path, loop.step) if checkpoint is not None else (None, None)
 
     # 4. The loop. A step is one optimizer update over grad_accum micro-batches (on every process);
@@ -480,15 +482,13 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
                               "bad_steps": loop.bad_steps, "bad_steps_consecutive": loop.consecutive_bad_steps}
                     if accelerator.scaler is not None:
                         record["scaler_overflows"] = loop.scaler_overflows
-                    if is_main:
-                        append_jsonl(metrics_path, record)
+                    metric_log.write(record)
                     progress.set_postfix({k: f"{record[k]:.3f}" for k in ("loss", setup.headline[0]) if k in record})
                     window.reset()
                     tokens, window_start = 0, time.perf_counter()
                 if cfg.eval_every and loop.step % cfg.eval_every == 0 and loop.step < total_steps and has_eval:
                     metrics = evaluate(model, eval_loader, loss_fn, device, gather)
-                    if is_main:
-                        append_jsonl(metrics_path, {"split": "eval", "step": loop.step, **metrics})
+                    metric_log.write({"split": "eval", "step": loop.step, **metrics})
                     log(describe_eval(f"step {loop.step}", metrics))
                 if too_many_bad:
                     kept = (f"the last good checkpoint is {last_checkpoint}; resume from it with --resume once the "
@@ -517,8 +517,8 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
     after = evaluate(model, eval_loader, loss_fn, device, gather) if has_eval else {}
     if after:
         log(describe_eval("after training", after))
-        if is_main:
-            append_jsonl(metrics_path, {"split": "eval", "step": loop.step, **after})
+        metric_log.write({"split": "eval", "step": loop.step, **after})
+    metric_log.close()
     adapter_dir = out_dir / "adapter"
     summary = {"eval_before": loop.eval_before, "eval_after": after, "steps": loop.step}
     if is_main:
