@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from dpo.cli import main
@@ -76,13 +77,26 @@ def adapter_weights(out_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out_dir / "adapter" / "adapter_model.safetensors"))
 
 
+def as_reward_recipe(path: Path) -> Path:
+    """The same run as a Bradley–Terry reward model (task: reward, no loss section)."""
+    tree = yaml.safe_load(path.read_text())
+    tree.pop("loss")
+    tree["task"] = "reward"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
 @pytest.mark.slow
-def test_two_processes_train_as_one_process_accumulating_their_micro_batches(tmp_path):
+@pytest.mark.parametrize("task", ["preference", "reward"])
+def test_two_processes_train_as_one_process_accumulating_their_micro_batches(tmp_path, task):
     """Two processes of batch_size 8 = one process of batch_size 8 with grad_accum 2: process r takes
-    micro-batches r, r+2, ... of the same epoch order, and the averaged gradient is the accumulated one."""
+    micro-batches r, r+2, ... of the same epoch order, and the averaged gradient is the accumulated one
+    (for a reward model too, whose score head is trained in full)."""
     train = {"max_steps": 4, "log_every": 2, "eval_every": 2}
     single = tiny_recipe(tmp_path / "single", lora={"dropout": 0.0}, train={**train, "grad_accum": 2})
     parallel = tiny_recipe(tmp_path / "parallel", lora={"dropout": 0.0}, train=train)
+    if task == "reward":
+        single, parallel = as_reward_recipe(single), as_reward_recipe(parallel)
 
     main([str(single)])
     result = launch_two_processes(parallel)
@@ -92,6 +106,7 @@ def test_two_processes_train_as_one_process_accumulating_their_micro_batches(tmp
     expected, actual = adapter_weights(one), adapter_weights(two)
     assert expected.keys() == actual.keys()
     assert max(float(v.abs().max()) for k, v in actual.items() if "lora_B" in k) > 0  # lora_B starts at zero
+    assert task == "preference" or any("score" in k for k in actual)
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
 
@@ -104,7 +119,8 @@ def test_two_processes_train_as_one_process_accumulating_their_micro_batches(tmp
     for a, b in zip(records_one, records_two, strict=True):
         for key in ("loss", "rewards/accuracies", "rewards/margins"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (b["split"], b["step"], key)
-    assert records_two[0]["rewards/accuracies"] == 0.5  # untrained policy reproduces the reference exactly
+    if task == "preference":
+        assert records_two[0]["rewards/accuracies"] == 0.5  # untrained policy reproduces the reference exactly
     run = json.loads((two / "checkpoints" / "step-000004" / "run.json").read_text())
     assert run["num_processes"] == 2
     rng = json.loads((two / "checkpoints" / "step-000004" / "rng.json").read_text())
