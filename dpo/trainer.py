@@ -311,18 +311,31 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
     per process; the main process prepares the data and the reference cache first, and alone writes files.
     """
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if recipe.output.tensorboard and not tensorboard_available():
+        raise RecipeError("output.tensorboard: true needs the tensorboard package (pip install "
+                          "'dpo-train[tensorboard]'), or set output.tensorboard: false")
+    accelerator = Accelerator(gradient_accumulation_steps=recipe.train.grad_accum,
+                              mixed_precision="fp16" if recipe.train.loss_scaler else "no",
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=SETUP_TIMEOUT)])
+    try:
+        return _train(accelerator, recipe, log, resume=resume, force=force, overwrite=overwrite)
+    finally:
+        # A process that exits with its process group still open is aborted by the collective library's
+        # threads (multi-process runs); in a single process this does nothing.
+        accelerator.end_training()
+
+
+def _train(accelerator, recipe: Recipe, log: Log, *, resume: str | Path | bool | None, force: bool,
+           overwrite: bool) -> dict[str, dict[str, float]]:
+    """The body of :func:`train`, given the run's ``accelerate.Accelerator``."""
+    from accelerate.utils import gather_object, set_seed
 
     cfg = recipe.train
     out_dir = Path(recipe.output.dir)
     recipe_tree = yaml.safe_load(recipe.to_yaml())
-    if recipe.output.tensorboard and not tensorboard_available():
-        raise RecipeError("output.tensorboard: true needs the tensorboard package (pip install "
-                          "'dpo-train[tensorboard]'), or set output.tensorboard: false")
     set_seed(cfg.seed)
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
-                              mixed_precision="fp16" if cfg.loss_scaler else "no",
-                              kwargs_handlers=[InitProcessGroupKwargs(timeout=SETUP_TIMEOUT)])
     device = accelerator.device
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     if not is_main:
