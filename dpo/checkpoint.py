@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dpo.metric_log import TENSORBOARD_DIR
+
 Log = Callable[[str], None]
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -49,7 +51,7 @@ MARKER = ".dpo-train"
 FORMAT = "dpo-train-checkpoint"
 FORMAT_VERSION = 1
 # What a run writes into its output directory; --overwrite removes exactly these (and the marker).
-RUN_OUTPUTS = ("recipe.yaml", "metrics.jsonl", "final_metrics.json", "adapter", CHECKPOINTS_DIR, "tensorboard")
+RUN_OUTPUTS = ("recipe.yaml", "metrics.jsonl", "final_metrics.json", "adapter", CHECKPOINTS_DIR, TENSORBOARD_DIR)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TEMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".old-"

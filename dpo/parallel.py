@@ -46,6 +46,11 @@ def _by_dtype(params: Sequence[torch.nn.Parameter]) -> list[list[torch.nn.Parame
     return list(groups.values())
 
 
+def _views(flat: torch.Tensor, group: Sequence[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """``flat`` cut back into one view per parameter of ``group``, each of its parameter's shape."""
+    return [piece.view_as(p) for piece, p in zip(flat.split([p.numel() for p in group]), group, strict=True)]
+
+
 def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
     """Replace each parameter's gradient with its mean over all processes (in place; one all-reduce per dtype).
 
@@ -59,10 +64,7 @@ def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat /= world
-        offset = 0
-        for param in group:
-            values = flat[offset : offset + param.numel()].view_as(param)
-            offset += param.numel()
+        for param, values in zip(group, _views(flat, group), strict=True):
             if param.grad is None:
                 param.grad = values.clone()
             else:
@@ -77,10 +79,8 @@ def broadcast_parameters(params: Sequence[torch.nn.Parameter]) -> None:
         for group in _by_dtype(params):
             flat = torch.cat([p.detach().reshape(-1) for p in group])
             dist.broadcast(flat, src=0)
-            offset = 0
-            for param in group:
-                param.copy_(flat[offset : offset + param.numel()].view_as(param))
-                offset += param.numel()
+            for param, values in zip(group, _views(flat, group), strict=True):
+                param.copy_(values)
 
 
 def merge_sums(parts: Sequence[tuple[dict[str, float], dict[str, int]]]) -> tuple[dict[str, float], dict[str, int]]:
