@@ -46,5 +46,7 @@ def test_loss_recipe_shortened_improves_held_out_preference(tmp_path, path):
         assert before["rewards/gap"] == pytest.approx(0.0, abs=1e-6)
         last_train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
                       if '"split": "train"' in line][-1]
-        assert last_train["rewards/desirable"] - last_train["rewards/undesirable"] > 0.05, last_train
-        assert after["rewards/gap"] > 0.0, (before, after)
+        # Measured 1.8-2.4 held out over seeds 0-2 and AVX-512, AVX2 and SSE kernels; a stalled run stays
+        # within +-0.15 of zero. 0.5 separates the two with room on both sides.
+        assert last_train["rewards/desirable"] - last_train["rewards/undesirable"] > 0.5, last_train
+        assert after["rewards/gap"] > 0.5, (before, after)
