@@ -15,7 +15,7 @@ reference log-probs precomputed (the step only looks them up, as with a cache hi
 
 For each ``L`` it runs ``--warmup`` steps (so the optimizer state exists), then ``--repeats`` timed steps,
 and prints the peak of ``torch.cuda.max_memory_allocated`` over the timed steps, the median step time,
-tokens/s (both sides' ``2 L`` tokens per step) and the estimate of :mod:`dpo.memory` for the same batch.
+tokens/s (both sides' ``2 L`` tokens per step) and the estimate of :mod:`dpo.model.memory` for the same batch.
 The default optimizer is ``adamw_8bit``: a paged optimizer's state lives in unified memory, which the
 allocator's counter does not see. When TRL is installed, its DPOTrainer runs the same workload (same
 4-bit base, LoRA, checkpointing, precomputed reference log-probs, optimizer) and its figures are printed
@@ -119,8 +119,8 @@ def measure_ours(policy, recipe, rows: list[dict], device: str, warmup: int, rep
     from dpo.data import collate_paired
     from dpo.losses import get_loss
     from dpo.model import LogprobSettings, sequence_logprobs
-    from dpo.reference import compute_reference_logps
-    from dpo.trainer import batch_loss, build_optimizer
+    from dpo.reference.compute import compute_reference_logps
+    from dpo.train.loop import batch_loss, build_optimizer
 
     settings = LogprobSettings(recipe.train.logprob_impl, recipe.train.logprob_chunk_size)
     collate = partial(collate_paired, pad_token_id=0)
@@ -242,8 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("bench/memory.py measures GPU memory and needs a CUDA device; none is visible here. "
                  "Run it on a GPU machine, or pass --smoke to check on the CPU that every stage runs.")
-    from dpo.memory import Batch, GiB, ModelShape, TrainingPlan, estimate_step, format_bytes
     from dpo.model import add_lora, load_base_model
+    from dpo.model.memory import Batch, GiB, ModelShape, TrainingPlan, estimate_step, format_bytes
 
     shape_name = "tiny" if args.smoke else "llama3-8b"
     device = "cpu" if args.smoke else "cuda"

@@ -14,7 +14,7 @@ Measured, in order:
    a second one, answered from the memo;
 2. the precompute, as ``dpo-train cache RECIPE`` runs it: sequences/s of the reference forward, and the
    whole command's time;
-3. time from entering ``dpo.trainer.train`` to the first training step, with an empty cache (miss) and
+3. time from entering ``dpo.train.loop.train`` to the first training step, with an empty cache (miss) and
    with the cache filled by step 2 (hit).
 
 Prints one JSON object with every figure.
@@ -86,9 +86,9 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from dpo.fingerprint import HashIndex, folder_identity, network_files, sha256_of_file
     from dpo.recipe import recipe_from_dict
-    from dpo.reference_setup import precompute_references
+    from dpo.reference.fingerprint import HashIndex, folder_identity, network_files, sha256_of_file
+    from dpo.reference.setup import precompute_references
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results: dict[str, object] = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def first_step_time(tree: dict) -> float:
     """Seconds from calling ``train`` to the start of the first training step's loss."""
-    import dpo.trainer as trainer
+    import dpo.train.loop as trainer
     from dpo.recipe import recipe_from_dict
 
     real_batch_loss = trainer.batch_loss

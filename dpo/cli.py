@@ -42,10 +42,10 @@ def _fail(message: str) -> None:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean bad input (shown as one clear message, no traceback)."""
-    from dpo.checkpoint import CheckpointError
     from dpo.data import DataError
     from dpo.model import ModelError
-    from dpo.reference_setup import ReferenceMismatchError
+    from dpo.reference import ReferenceMismatchError
+    from dpo.train import CheckpointError
 
     return RecipeError, ModelError, DataError, CheckpointError, ReferenceMismatchError
 
@@ -70,7 +70,7 @@ def _with_verify(overrides: list[str] | None, verify: int | None) -> list[str]:
 
 
 def _precompute(recipe: Recipe) -> None:
-    from dpo.reference_setup import precompute_references
+    from dpo.reference import precompute_references
 
     paths = precompute_references(recipe, log=typer.echo)
     for split, path in paths.items():
@@ -106,8 +106,7 @@ def train_command(
         if precompute_only:
             _precompute(loaded)
             return
-        from dpo.checkpoint import TrainingStopped
-        from dpo.trainer import train
+        from dpo.train import TrainingStopped, train
 
         try:
             train(loaded, log=typer.echo, resume=resume, force=force, overwrite=overwrite)
@@ -155,7 +154,7 @@ def dry_run_report(recipe: Recipe) -> None:
 
 
 def _memory_section(recipe: Recipe, train_rows) -> str:
-    from dpo.memory import memory_report
+    from dpo.model import memory_report
 
     try:
         return memory_report(recipe, train_rows)[0]
@@ -176,7 +175,7 @@ def merge_command(
 
     The merged model's log-probs are checked against the adapter's on sample sequences before anything is saved.
     """
-    from dpo.merge import MergeError, merge_run
+    from dpo.model import MergeError, merge_run
 
     try:
         merge_run(run_dir, out, dtype=dtype, base_path=base, log=typer.echo)
@@ -197,8 +196,7 @@ def score_command(
     """Score each (prompt, completion) row with a trained reward model; writes each row with a `score` field."""
     import torch
 
-    from dpo.reward import load_reward_run
-    from dpo.scoring import score_file
+    from dpo.reward import load_reward_run, score_file
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -215,8 +213,7 @@ def compare_command(
     set_: SetOpt = None,
 ) -> None:
     """Compare models side by side: reward, win rate, preference accuracy, KL drift, length, diversity."""
-    from dpo.compare import run_compare
-    from dpo.compare_config import CompareError, load_compare_config
+    from dpo.compare import CompareError, load_compare_config, run_compare
 
     try:
         loaded = load_compare_config(config, set_ or [])

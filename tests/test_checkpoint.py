@@ -17,8 +17,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
-import dpo.checkpoint as ckpt
-from dpo.checkpoint import (
+import dpo.train.checkpoint as ckpt
+from dpo.train.checkpoint import (
     CheckpointError,
     LoopState,
     StopSignals,

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from dpo.cli import main
-from dpo.compare import load_policy, read_prompts
-from dpo.compare_config import CompareError, ModelEntry, PromptSet, load_compare_config
-from dpo.compare_report import COLUMNS, fmt
-from dpo.generate import SamplingSettings, encode_prompt, sample_completions
+from dpo.compare.config import CompareError, ModelEntry, PromptSet, load_compare_config
+from dpo.compare.report import COLUMNS, fmt
+from dpo.compare.run import load_policy, read_prompts
 from dpo.model import add_lora, load_base_model
+from dpo.model.generate import SamplingSettings, encode_prompt, sample_completions
 from dpo.recipe import LoraConfig, ModelConfig, recipe_from_dict
 from tests.helpers import build_tiny_model, write_jsonl, write_recipe
 
@@ -248,7 +248,7 @@ def test_models_must_share_the_reference_vocabulary(tmp_path, runs):
         "generation": {"max_new_tokens": 2, "samples_per_prompt": 1}, "output": str(tmp_path / "out"),
     })
     with pytest.raises(CompareError, match="models.other: its tokenizer differs from the reference model's"):
-        from dpo.compare import run_compare
+        from dpo.compare.run import run_compare
 
         run_compare(load_compare_config(path), log=lambda _: None)
 

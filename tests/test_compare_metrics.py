@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from dpo import compare_metrics as cm
+from dpo.compare import metrics as cm
 
 
 def test_win_rate_counts_ties_half():

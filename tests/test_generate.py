@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dpo.data.tokenize import RowTokenizer
-from dpo.generate import (
+from dpo.model import load_base_model, load_tokenizer
+from dpo.model.generate import (
     SamplingSettings,
     completion_text,
     cut_at_eos,
@@ -17,7 +18,6 @@ from dpo.generate import (
     sample_completions,
     step_entropy,
 )
-from dpo.model import load_base_model, load_tokenizer
 from dpo.quickstart import CHAT_TEMPLATE
 from dpo.recipe import ModelConfig
 from tests.helpers import build_tiny_model

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo.memory import (
+from dpo.model.memory import (
     LINEAR_NAMES,
     Batch,
     GiB,
@@ -165,7 +165,7 @@ def test_weight_bytes_match_a_loaded_quantized_model(tmp_path, bits):
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
 def test_optimizer_state_bytes_match_the_optimizer(optimizer):
     from dpo.recipe import TrainConfig
-    from dpo.trainer import build_optimizer
+    from dpo.train.loop import build_optimizer
 
     # Adapter tensors of a layer with hidden 512, intermediate 1024, r=8: some over 4096 values, some under.
     shape = ModelShape(vocab=10, hidden=512, layers=1, heads=4, kv_heads=2, head_dim=128, intermediate=1024)

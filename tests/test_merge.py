@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from dpo.cli import main
-from dpo.merge import MATCH_TOLERANCE, MergeError, merge_run, sample_batch
 from dpo.model import LogprobSettings, load_base_model, sequence_logprobs
+from dpo.model.merge import MATCH_TOLERANCE, MergeError, merge_run, sample_batch
 from dpo.recipe import ModelConfig
 from tests.helpers import build_tiny_model, write_jsonl, write_recipe
 

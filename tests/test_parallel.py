@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from dpo.cli import main
-from dpo.parallel import merge_sums, shard
+from dpo.train.parallel import merge_sums, shard
 from tests.test_trainer import read_jsonl, tiny_recipe
 from tests.test_trainer_faults import comparable_metrics
 

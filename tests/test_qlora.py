@@ -26,7 +26,7 @@ from dpo.model import (
     sequence_logprobs,
 )
 from dpo.recipe import LoraConfig, ModelConfig, RecipeError, TrainConfig, load_recipe
-from dpo.trainer import build_optimizer
+from dpo.train.loop import build_optimizer
 from tests.helpers import build_tiny_model, write_jsonl, write_recipe
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -176,7 +176,7 @@ def test_a_quantized_head_is_refused(tmp_path, monkeypatch):
     """An empty skip list lets transformers quantize the head too; the fused log-prob path cannot use it."""
     from transformers import BitsAndBytesConfig
 
-    import dpo.model as model_module
+    import dpo.model.load as model_module
     from dpo.model import ModelError
 
     build_tiny_model(tmp_path)
@@ -247,7 +247,7 @@ def test_8bit_adamw_tracks_torch_adamw():
 
 
 def test_reference_cache_misses_when_the_quantization_changes(tmp_path):
-    from dpo.reference_setup import precompute_references
+    from dpo.reference.setup import precompute_references
 
     recipe_path = qlora_recipe(tmp_path)
     messages: list[str] = []

@@ -15,15 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import dpo.reference_setup as reference_setup
+import dpo.reference.setup as reference_setup
 from dpo.cli import main
 from dpo.data import collate_paired, prepare_data
-from dpo.fingerprint import HashIndex, IdentityError, folder_identity
 from dpo.model import LogprobSettings, add_lora, load_base_model, load_tokenizer
 from dpo.recipe import recipe_from_dict
-from dpo.reference import compute_and_store, compute_reference_logps, reference_mismatches
-from dpo.reference_setup import reference_keys, reference_logps, reference_store
-from dpo.reference_store import CacheFileError, ReferenceStore
+from dpo.reference.compute import compute_and_store, compute_reference_logps, reference_mismatches
+from dpo.reference.fingerprint import HashIndex, IdentityError, folder_identity
+from dpo.reference.setup import reference_keys, reference_logps, reference_store
+from dpo.reference.store import CacheFileError, ReferenceStore
 from tests.helpers import build_tiny_model, write_jsonl, write_pairs, write_recipe
 
 QUIET = lambda _: None  # noqa: E731
@@ -74,7 +74,7 @@ def keys_of(recipe, unpaired: bool = False) -> tuple[str, str]:
 
 
 class ForwardCounter:
-    """Counts the reference forwards that go through ``dpo.reference_setup`` (each is one batch)."""
+    """Counts the reference forwards that go through ``dpo.reference.setup`` (each is one batch)."""
 
     def __init__(self, monkeypatch) -> None:
         self.calls = 0
@@ -354,7 +354,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_every_value(tmp_path):
 
 
 def test_second_run_never_runs_the_reference_and_trains_identically(tmp_path, assets, monkeypatch):
-    import dpo.trainer as trainer
+    import dpo.train.loop as trainer
 
     counter = ForwardCounter(monkeypatch)
     cache = tmp_path / "cache"
@@ -432,7 +432,7 @@ def test_verify_reference_passes_on_a_good_cache_and_stops_on_a_stale_one(tmp_pa
 def test_verification_tolerance_grows_with_the_square_root_of_length():
     cached = _values(2)
     fresh = {k: v.clone() for k, v in cached.items()}
-    from dpo.reference import ReferenceLogps
+    from dpo.reference.compute import ReferenceLogps
 
     # first_tokens = [1, 2]: tolerance 1e-3 * sqrt(1) and 1e-3 * sqrt(2) = 1.414e-3.
     fresh["first"] = fresh["first"] + torch.tensor([0.9e-3, 1.5e-3])

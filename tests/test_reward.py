@@ -15,7 +15,7 @@ from dpo.data import DataError, collate_paired, prepare_data
 from dpo.model import load_tokenizer
 from dpo.quickstart import is_correct
 from dpo.recipe import DataConfig, LoraConfig, ModelConfig, RecipeError, recipe_from_dict
-from dpo.reward import (
+from dpo.reward.model import (
     HEAD,
     add_reward_lora,
     bradley_terry_loss,
@@ -24,7 +24,7 @@ from dpo.reward import (
     pair_rewards,
     sequence_rewards,
 )
-from dpo.scoring import score_texts
+from dpo.reward.scoring import score_texts
 from tests.helpers import build_tiny_model, write_jsonl, write_recipe
 
 QUICKSTART = Path("recipes/quickstart")

@@ -13,7 +13,7 @@ from dpo.cli import main
 from dpo.data import collate_paired, prepare_data
 from dpo.model import load_base_model, load_tokenizer, sequence_logprobs
 from dpo.recipe import load_recipe
-from dpo.trainer import MetricWindow
+from dpo.train.loop import MetricWindow
 from tests.helpers import build_tiny_model, write_pairs, write_recipe
 
 TRAIN_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -113,7 +113,7 @@ def test_metric_window_averages_over_all_values_not_batch_means():
 
 
 def test_no_reference_pass_for_reference_free_losses(tmp_path, monkeypatch):
-    import dpo.trainer as trainer
+    import dpo.train.loop as trainer
 
     calls = []
     monkeypatch.setattr(trainer, "compute_references", lambda *a, **k: calls.append(1))
@@ -123,7 +123,7 @@ def test_no_reference_pass_for_reference_free_losses(tmp_path, monkeypatch):
 
 
 def test_reference_is_computed_before_the_first_step_and_never_inside_it(tmp_path, monkeypatch):
-    import dpo.trainer as trainer
+    import dpo.train.loop as trainer
 
     events: list[str] = []
     real_compute, real_batch_loss = trainer.compute_references, trainer.batch_loss

@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dpo.checkpoint as ckpt
-import dpo.trainer as trainer
-from dpo.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+import dpo.train.checkpoint as ckpt
+import dpo.train.loop as trainer
 from dpo.cli import main
+from dpo.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from tests.helpers import build_tiny_model, write_pairs, write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -314,7 +314,7 @@ def test_the_loss_is_float32_with_a_bfloat16_model(tmp_path, assets, monkeypatch
 
 DRIVER = """
 import sys, time
-import dpo.trainer as trainer
+import dpo.train.loop as trainer
 
 real = trainer.batch_loss
 

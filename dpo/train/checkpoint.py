@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dpo.metric_log import TENSORBOARD_DIR
+from dpo.train.metric_log import TENSORBOARD_DIR
 
 Log = Callable[[str], None]
 

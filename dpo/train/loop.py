@@ -23,7 +23,19 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dpo.checkpoint import (
+from dpo.data import collate_paired, collate_unpaired, kto_balance_warning, prepare_data
+from dpo.losses import LossOutput, LossSpec, PairedLogps, UnpairedLogps, get_loss
+from dpo.model import (
+    LogprobSettings,
+    add_lora,
+    load_base_model,
+    load_tokenizer,
+    sequence_logprobs,
+)
+from dpo.recipe import Recipe, RecipeError, TrainConfig
+from dpo.reference import ReferenceLogps, length_sorted_batches
+from dpo.reference import reference_logps as cached_reference_logps
+from dpo.train.checkpoint import (
     LoopState,
     StopSignals,
     TooManyBadSteps,
@@ -42,20 +54,8 @@ from dpo.checkpoint import (
     version_notes,
     write_text_atomic,
 )
-from dpo.data import collate_paired, collate_unpaired, kto_balance_warning, prepare_data
-from dpo.losses import LossOutput, LossSpec, PairedLogps, UnpairedLogps, get_loss
-from dpo.metric_log import MetricLog, tensorboard_available
-from dpo.model import (
-    LogprobSettings,
-    add_lora,
-    load_base_model,
-    load_tokenizer,
-    sequence_logprobs,
-)
-from dpo.parallel import average_gradients, broadcast_parameters, merge_sums, shard
-from dpo.recipe import Recipe, RecipeError, TrainConfig
-from dpo.reference import ReferenceLogps, length_sorted_batches
-from dpo.reference_setup import reference_logps as cached_reference_logps
+from dpo.train.metric_log import MetricLog, tensorboard_available
+from dpo.train.parallel import average_gradients, broadcast_parameters, merge_sums, shard
 
 Log = Callable[[str], None]
 Gather = Callable[[object], list]
@@ -245,7 +245,7 @@ def preference_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
 
 
 def reward_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
-    """Bradley–Terry reward model on the same pairs (see ``dpo.reward``); no reference pass."""
+    """Bradley–Terry reward model on the same pairs (see :mod:`dpo.reward`); no reference pass."""
     from dpo.reward import reward_parts
 
     parts = reward_parts(recipe, device, log)
@@ -307,8 +307,9 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
         TooManyBadSteps: ``train.max_bad_steps`` steps in a row were non-finite; the last good checkpoint stays.
 
     Launched as several processes (``accelerate launch`` or ``torchrun``), each one takes its share of every
-    epoch's micro-batches (see :mod:`dpo.parallel`), so a step's batch is ``batch_size * grad_accum`` pairs
-    per process; the main process prepares the data and the reference cache first, and alone writes files.
+    epoch's micro-batches (see :mod:`dpo.train.parallel`), so a step's batch is ``batch_size * grad_accum``
+    pairs per process; the main process prepares the data and the reference cache first, and alone writes
+    files.
     """
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
@@ -387,7 +388,7 @@ def _train(accelerator, recipe: Recipe, log: Log, *, resume: str | Path | bool |
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     optimizer = build_optimizer(params, cfg)
     # Not handed to accelerate.prepare: its scheduler wrapper would step once per process, and a DDP wrapper
-    # around the model would never see the log-prob path's forward (see dpo.parallel).
+    # around the model would never see the log-prob path's forward (see dpo.train.parallel).
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     optimizer = accelerator.prepare(optimizer)
     # Evaluation batches the held-out rows exactly as the reference precompute does, so an untrained
@@ -547,7 +548,7 @@ def _train(accelerator, recipe: Recipe, log: Log, *, resume: str | Path | bool |
 
 def compute_references(recipe: Recipe, policy, data, collate, settings: LogprobSettings,
                        device, log: Log) -> tuple[ReferenceLogps, ReferenceLogps]:
-    """Reference log-probs for both splits through the on-disk cache (``dpo.reference_setup``): read on a
+    """Reference log-probs for both splits through the on-disk cache (``dpo.reference.setup``): read on a
     hit, without loading or running anything; computed on a miss by a separate model if the recipe names
     one (loaded only meanwhile), else by the policy's base with the adapter disabled."""
     return cached_reference_logps(recipe, data, collate, settings, device, log, policy=policy)

@@ -1,15 +1,15 @@
 """Which network the reference is, what its cached values are keyed on, and running it only on a miss.
 
 Sits between the model (:mod:`dpo.model`) and the trainer: it knows the recipe, the data and how to load a
-model, and hands :mod:`dpo.reference` a fingerprint and a ``logp_fn``.
+model, and hands :mod:`dpo.reference.compute` a fingerprint and a ``logp_fn``.
 
 The key of a split's values is a hash of exactly what changes them:
 
-* the reference network: the content of its config and weight files (:mod:`dpo.fingerprint`; a hub
-  snapshot by its commit), ``model.dtype``, ``model.quantization``, ``model.attn_implementation`` (some
-  architectures compute attention differently without eager), ``model.trust_remote_code``, the reference
-  adapter's files (or "none": the base with the policy's adapter disabled), and the transformers version
-  (the modelling code);
+* the reference network: the content of its config and weight files (:mod:`dpo.reference.fingerprint`;
+  a hub snapshot by its commit), ``model.dtype``, ``model.quantization``, ``model.attn_implementation``
+  (some architectures compute attention differently without eager), ``model.trust_remote_code``, the
+  reference adapter's files (or "none": the base with the policy's adapter disabled), and the
+  transformers version (the modelling code);
 * the tokenized split (``PreparedData.*_fingerprint``: every token id, so tokenizer, template,
   truncation and the paired or unpaired layout);
 * :data:`LOGPROB_VERSION` and the cache format version.
@@ -36,7 +36,6 @@ import torch
 from torch import Tensor
 
 from dpo.data import PreparedData, collate_paired, collate_unpaired, prepare_data
-from dpo.fingerprint import HashIndex, IdentityError, digest_of, folder_identity
 from dpo.model import (
     LogprobSettings,
     ModelError,
@@ -46,7 +45,7 @@ from dpo.model import (
     sequence_logprobs,
 )
 from dpo.recipe import Recipe
-from dpo.reference import (
+from dpo.reference.compute import (
     LogpFn,
     ReferenceLogps,
     compute_and_store,
@@ -55,7 +54,8 @@ from dpo.reference import (
     load_cached,
     reference_mismatches,
 )
-from dpo.reference_store import FORMAT_VERSION, ReferenceStore
+from dpo.reference.fingerprint import HashIndex, IdentityError, digest_of, folder_identity
+from dpo.reference.store import FORMAT_VERSION, ReferenceStore
 
 Log = Callable[[str], None]
 Collate = Callable[[list[dict]], dict[str, Tensor]]
@@ -63,8 +63,9 @@ Collate = Callable[[list[dict]], dict[str, Tensor]]
 # Bump when dpo.model.sequence_logprobs or dpo.kernels.token_logprobs change the function they compute
 # (not when they only get faster): every cached value is then recomputed.
 LOGPROB_VERSION = 1
-# Verification tolerance per sqrt(token) of a summed log-prob (see dpo.reference.verification_tolerance):
-# float32 differs between batch shapes by ~1e-6 per token, 16-bit and quantized models by ~1e-2.
+# Verification tolerance per sqrt(token) of a summed log-prob (see
+# dpo.reference.compute.verification_tolerance): float32 differs between batch shapes by ~1e-6 per token,
+# 16-bit and quantized models by ~1e-2.
 TOLERANCE_FLOAT32 = 1e-3
 TOLERANCE_16BIT = 0.1
 HASH_INDEX_NAME = "file-hashes.json"

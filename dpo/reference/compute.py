@@ -2,8 +2,8 @@
 
 The training step never runs the reference model. This module does not know what model it runs: the
 caller passes ``logp_fn`` (the policy with its adapter disabled, or a separate reference model) and the
-fingerprint of everything that determines the values (:mod:`dpo.reference_setup` builds both), which keeps
-the data flow one-way. The files themselves are :mod:`dpo.reference_store`'s business.
+fingerprint of everything that determines the values (:mod:`dpo.reference.setup` builds both), which keeps
+the data flow one-way. The files themselves are :mod:`dpo.reference.store`'s business.
 
 Layout: every collated batch has ``2B`` rows; rows ``0..B-1`` are the first side of each example
 (chosen, or the KTO completion) and rows ``B..2B-1`` the second (rejected, or KTO's mismatched
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dpo.reference_store import CacheFileError, ReferenceStore, StoredValues
+from dpo.reference.store import CacheFileError, ReferenceStore, StoredValues
 
 LogpFn = Callable[[dict[str, Tensor]], tuple[Tensor, Tensor]]
 Log = Callable[[str], None]
@@ -215,7 +215,7 @@ def compute_and_store(
 
     Args:
         store: the cache folder.
-        fingerprint: the split's key (see :func:`dpo.reference_setup.reference_keys`).
+        fingerprint: the split's key (see :func:`dpo.reference.setup.reference_keys`).
         parts: what the key was made of, stored in the file for people reading it.
         rows, collate, logp_fn, batch_size, device: as in :func:`compute_reference_logps`.
         split: "train" or "eval", for messages.

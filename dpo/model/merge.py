@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dpo.model import LogprobSettings, load_base_model, load_tokenizer, sequence_logprobs
+from dpo.model.load import LogprobSettings, load_base_model, load_tokenizer, sequence_logprobs
 from dpo.recipe import RecipeError, load_recipe
 
 Log = Callable[[str], None]

@@ -23,7 +23,7 @@ from dpo.data.load import load_rows
 from dpo.data.tokenize import RowTokenizer
 from dpo.data.validate import BadRow, DataError, RowProblem, handle_bad_rows, require_messages, require_text
 from dpo.reference import length_sorted_batches
-from dpo.reward import RewardRun, sequence_rewards
+from dpo.reward.model import RewardRun, sequence_rewards
 
 
 def tokenize_completions(rows: Sequence[dict[str, Any]], run: RewardRun, source: str) -> list[dict[str, Any]]:

@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from dpo import compare_metrics as cm
-from dpo.generate import completion_text
+from dpo.compare import metrics as cm
+from dpo.model import completion_text
 
 Log = Callable[[str], None]
 
@@ -55,7 +55,7 @@ def lengths(samples) -> list[int]:
 
 
 def model_numbers(result, reference) -> dict[str, Any]:
-    """Every per-model number of the report (see the module docstring of :mod:`dpo.compare_metrics`)."""
+    """Every per-model number of the report (see the module docstring of :mod:`dpo.compare.metrics`)."""
     samples = result.samples
     own_lengths, reference_lengths = lengths(samples), lengths(reference.samples)
     controlled, controlled_pairs = cm.length_controlled_win_rate(result.scores, reference.scores, own_lengths,

@@ -20,22 +20,29 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dpo.compare_config import CompareConfig, CompareError, ModelEntry, PromptSet
-from dpo.compare_report import build_report, write_report
+from dpo.compare.config import CompareConfig, CompareError, ModelEntry, PromptSet
+from dpo.compare.report import build_report, write_report
 from dpo.data import collate_paired, prepare_data
 from dpo.data.chat import resolve_chat_template
 from dpo.data.layouts import rename_columns
 from dpo.data.load import load_rows
 from dpo.data.prepare import read_canonical
 from dpo.data.validate import BadRow, DataError, RowProblem, handle_bad_rows, require_messages, require_text
-from dpo.generate import Samples, SamplingSettings, completion_text, encode_prompt, sample_completions
 from dpo.losses import PairedLogps, get_loss
-from dpo.model import LogprobSettings, load_base_model, load_tokenizer, sequence_logprobs
+from dpo.model import (
+    LogprobSettings,
+    Samples,
+    SamplingSettings,
+    completion_text,
+    encode_prompt,
+    load_base_model,
+    load_tokenizer,
+    sample_completions,
+    sequence_logprobs,
+)
 from dpo.recipe import ModelConfig, RecipeError
-from dpo.reference import ReferenceLogps, compute_reference_logps
-from dpo.reference_setup import open_reference
-from dpo.reward import load_reward_run, pair_rewards, run_recipe
-from dpo.scoring import score_texts
+from dpo.reference import ReferenceLogps, compute_reference_logps, open_reference
+from dpo.reward import load_reward_run, pair_rewards, run_recipe, score_texts
 
 Log = Callable[[str], None]
 PAIR_COLUMNS = {"chosen", "rejected", "completion", "response_a", "response_b"}
@@ -170,7 +177,7 @@ def implicit_accuracy(policy: Policy, rows, collate, reference_pairs: ReferenceL
     reports them) against its own reference (the base with the adapter off, or its ``reference.model_path``).
     Any other model uses log π − log π_ref against the comparison's reference model; every β > 0 ranks the same.
     """
-    from dpo.compare_metrics import ranking_accuracy
+    from dpo.compare.metrics import ranking_accuracy
 
     name = policy.entry.name
     own = pair_logps(policy.model, rows, collate, batch_size, device, f"{name} (held-out pairs)", log)
@@ -259,7 +266,7 @@ def score_all(config: CompareConfig, prompts: list[Any], results: list[ModelResu
               device, log: Log) -> dict[str, Any]:
     """Reward-model scores of every sample (as text, so the reward model uses its own tokenization), and the
     reward model's own held-out accuracy."""
-    from dpo.compare_metrics import ranking_accuracy
+    from dpo.compare.metrics import ranking_accuracy
 
     try:
         run = load_reward_run(config.reward_model, device, what="reward_model")

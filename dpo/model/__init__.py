@@ -1,0 +1,63 @@
+"""The model stage: the network that is trained, and what can be done with it.
+
+Takes the recipe's ``model`` and ``lora`` sections (and token ids). Hands on the policy (a causal LM with a
+fresh LoRA adapter, :func:`add_lora` on :func:`load_base_model`), its per-sequence log-probs through the
+fused kernels (:func:`sequence_logprobs`), the memory plan of a recipe (:mod:`dpo.model.memory`), merging
+an adapter into its base (:mod:`dpo.model.merge`) and sampling completions (:mod:`dpo.model.generate`).
+"""
+
+from dpo.model.generate import (
+    Samples,
+    SamplingSettings,
+    completion_text,
+    encode_prompt,
+    sample_completions,
+)
+from dpo.model.load import (
+    LogprobSettings,
+    ModelError,
+    add_lora,
+    causal_lm,
+    check_head,
+    enable_checkpointing,
+    final_logit_softcap,
+    from_pretrained_kwargs,
+    is_quantized,
+    keep_4bit_layout_trainable,
+    load_base_model,
+    load_tokenizer,
+    quantization_config,
+    sequence_logprobs,
+    torch_dtype,
+    trunk,
+)
+from dpo.model.memory import memory_report
+from dpo.model.merge import MergeError, MergeReport, merge_run
+
+__all__ = [
+    "LogprobSettings",
+    "MergeError",
+    "MergeReport",
+    "ModelError",
+    "Samples",
+    "SamplingSettings",
+    "add_lora",
+    "causal_lm",
+    "check_head",
+    "completion_text",
+    "enable_checkpointing",
+    "encode_prompt",
+    "final_logit_softcap",
+    "from_pretrained_kwargs",
+    "is_quantized",
+    "keep_4bit_layout_trainable",
+    "load_base_model",
+    "load_tokenizer",
+    "memory_report",
+    "merge_run",
+    "quantization_config",
+    "sample_completions",
+    "sequence_logprobs",
+    "torch_dtype",
+    "trunk",
+]
