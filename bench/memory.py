@@ -118,28 +118,28 @@ def measure_ours(policy, recipe, rows: list[dict], device: str, warmup: int, rep
     """Median step time and peak allocated memory of ``repeats`` DPO steps after ``warmup`` ones."""
     from dpo.data import collate_paired
     from dpo.losses import get_loss
-    from dpo.model import LogprobSettings, sequence_logprobs
+    from dpo.model import LogprobSettings, SequenceLogprobs
     from dpo.reference.compute import compute_reference_logps
     from dpo.train.loop import batch_loss, build_optimizer
 
-    settings = LogprobSettings(recipe.train.logprob_impl, recipe.train.logprob_chunk_size)
+    logprobs = SequenceLogprobs(policy, LogprobSettings(recipe.train.logprob_impl, recipe.train.logprob_chunk_size))
     collate = partial(collate_paired, pad_token_id=0)
 
     def adapter_off(batch):
         with policy.disable_adapter():
-            return sequence_logprobs(policy, batch["input_ids"], batch["attention_mask"], batch["labels"], settings)
+            return logprobs(batch)
 
-    policy.eval()
+    logprobs.eval()
     with torch.no_grad():
         reference = compute_reference_logps(rows, collate, adapter_off, 1, device, "reference", lambda _: None)
-    policy.train()
+    logprobs.train()
     spec, options = get_loss("dpo"), recipe.loss.options()
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, recipe.train)
     batch = {k: v.to(device) for k, v in collate(rows).items()}
 
     def step() -> None:
-        out = batch_loss(policy, batch, spec, options, reference, settings)
+        out = batch_loss(logprobs, batch, spec, options, reference)
         out.losses.mean().backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

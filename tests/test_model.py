@@ -8,6 +8,7 @@ import torch
 from dpo.model import (
     LogprobSettings,
     ModelError,
+    SequenceLogprobs,
     add_lora,
     check_head,
     final_logit_softcap,
@@ -109,3 +110,49 @@ def test_tokenizer_without_pad_falls_back_to_eos(tmp_path):
     path = build_tiny_model(tmp_path / "m")
     tokenizer = load_tokenizer(ModelConfig(path=str(path)))
     assert tokenizer.pad_token_id == 0 and tokenizer.eos_token_id == 2
+
+
+# ------------------------------------------------------------------------------------ the step module
+
+
+def as_batch(input_ids, attention_mask, labels) -> dict[str, torch.Tensor]:
+    # the keys a collated batch has besides these three are ignored
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "index": torch.arange(input_ids.shape[0])}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_step_module_forward_is_sequence_logprobs_and_matches_full_logits(tmp_path, arch):
+    model = load_base_model(ModelConfig(path=str(build_tiny_model(tmp_path / arch, arch)))).eval()
+    input_ids, attention_mask, labels = make_batch(model.config.vocab_size)
+    settings = LogprobSettings(impl="torch", chunk_size=4)
+    with torch.no_grad():
+        sums, counts = SequenceLogprobs(model, settings)(as_batch(input_ids, attention_mask, labels))
+        direct_sums, direct_counts = sequence_logprobs(model, input_ids, attention_mask, labels, settings)
+    assert torch.equal(sums, direct_sums) and torch.equal(counts, direct_counts)
+    assert sums.dtype == torch.float32 and counts.dtype == torch.int64 and counts.tolist() == [6, 6, 3]
+    expected = full_logits_reference(model, input_ids, attention_mask, labels)
+    torch.testing.assert_close(sums.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_gradients_reach_lora_parameters_through_the_step_module(tmp_path):
+    policy = add_lora(load_base_model(ModelConfig(path=str(build_tiny_model(tmp_path / "m")))), LoraConfig(r=4))
+    step = SequenceLogprobs(policy)
+    step.eval()
+    assert not policy.training  # the mode reaches the wrapped model
+    step.train()
+    assert policy.training
+    sums, _ = step(as_batch(*make_batch(policy.config.vocab_size)))
+    sums.sum().backward()
+    grads = [p.grad for n, p in policy.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_step_module_parameters_are_the_wrapped_models(tmp_path):
+    policy = add_lora(load_base_model(ModelConfig(path=str(build_tiny_model(tmp_path / "m")))), LoraConfig(r=4))
+    step = SequenceLogprobs(policy)
+    assert [id(p) for p in step.parameters()] == [id(p) for p in policy.parameters()]
+    own = [name for name, _ in policy.named_parameters()]
+    assert [name for name, _ in step.named_parameters()] == [f"model.{name}" for name in own]
+    assert all(name.startswith("base_model.model.") for name in own)  # what optimizer state and checkpoints use
+

@@ -78,13 +78,14 @@ class ForwardCounter:
 
     def __init__(self, monkeypatch) -> None:
         self.calls = 0
-        real = reference_setup.sequence_logprobs
+        counter = self
 
-        def counting(*args, **kwargs):
-            self.calls += 1
-            return real(*args, **kwargs)
+        class Counting(reference_setup.SequenceLogprobs):
+            def forward(self, batch):
+                counter.calls += 1
+                return super().forward(batch)
 
-        monkeypatch.setattr(reference_setup, "sequence_logprobs", counting)
+        monkeypatch.setattr(reference_setup, "SequenceLogprobs", Counting)
 
 
 # ----------------------------------------------------------------------------------- agreement with maths

@@ -132,13 +132,39 @@ def test_reference_is_computed_before_the_first_step_and_never_inside_it(tmp_pat
         events.append("reference")
         return real_compute(*args, **kwargs)
 
-    def batch_loss(policy, batch, spec, options, reference, settings):
+    def batch_loss(policy, batch, spec, options, reference):
         events.append("step" if policy.training else "eval")
         assert reference is not None
-        return real_batch_loss(policy, batch, spec, options, reference, settings)
+        return real_batch_loss(policy, batch, spec, options, reference)
 
     monkeypatch.setattr(trainer, "compute_references", compute)
     monkeypatch.setattr(trainer, "batch_loss", batch_loss)
     trainer.train(load_recipe(tiny_recipe(tmp_path), ["train.max_steps=2"]), log=lambda _: None)
     assert events[0] == "reference" and events.count("reference") == 1
     assert events.count("step") == 2
+
+
+def test_every_step_and_evaluation_runs_the_step_modules_forward_and_checkpoints_keep_the_peft_names(
+        tmp_path, monkeypatch):
+    """An engine that wraps the step module sees every forward of the loop through its hooks; the optimizer
+    state in a checkpoint is named by the peft model's own parameter names, not the wrapper's."""
+    import dpo.train.loop as trainer
+    from dpo.model import SequenceLogprobs, add_lora
+    from dpo.recipe import LoraConfig
+
+    seen: list[bool] = []
+
+    class Hooked(SequenceLogprobs):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.register_forward_hook(lambda module, args, output: seen.append(module.training))
+
+    monkeypatch.setattr(trainer, "SequenceLogprobs", Hooked)
+    recipe = load_recipe(tiny_recipe(tmp_path), ["train.max_steps=2", "train.save_every=1"])
+    trainer.train(recipe, log=lambda _: None)
+    assert seen.count(True) == 2  # one micro-batch per step
+    assert seen.count(False) == 2 * 2  # 24 held-out pairs in batches of 16, before and after training
+
+    optimizer = json.loads((tmp_path / "out" / "checkpoints" / "step-000002" / "optimizer.json").read_text())
+    policy = add_lora(load_base_model(recipe.model), LoraConfig(r=8, alpha=16))
+    assert optimizer["param_names"] == [n for n, p in policy.named_parameters() if p.requires_grad]

@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import dpo.model.logprobs as logprobs
 import dpo.train.checkpoint as ckpt
 import dpo.train.loop as trainer
 from dpo.cli import main
@@ -288,7 +289,7 @@ def test_nan_at_every_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
 
 def test_the_loss_is_float32_with_a_bfloat16_model(tmp_path, assets, monkeypatch):
     recipe = make_recipe(tmp_path, assets, max_steps=1, save_every=None)
-    real = trainer.sequence_logprobs
+    real = logprobs.sequence_logprobs
     dtypes = []
 
     def sequence_logprobs(model, *args):
@@ -302,7 +303,7 @@ def test_the_loss_is_float32_with_a_bfloat16_model(tmp_path, assets, monkeypatch
         return out
 
     real_batch_loss = trainer.batch_loss
-    monkeypatch.setattr(trainer, "sequence_logprobs", sequence_logprobs)
+    monkeypatch.setattr(logprobs, "sequence_logprobs", sequence_logprobs)
     monkeypatch.setattr(trainer, "batch_loss", batch_loss)
     main([str(recipe), "--set", "model.dtype=bfloat16"])
     assert (torch.bfloat16, torch.float32) in dtypes  # a bfloat16 model's log-probs come out in float32

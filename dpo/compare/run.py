@@ -33,6 +33,7 @@ from dpo.model import (
     LogprobSettings,
     Samples,
     SamplingSettings,
+    SequenceLogprobs,
     completion_text,
     encode_prompt,
     load_base_model,
@@ -162,11 +163,7 @@ def sample_logps(model: nn.Module, prompt_ids: list[list[int]], samples: Samples
 
 def pair_logps(model: nn.Module, rows, collate, batch_size: int, device, desc: str, log: Log) -> ReferenceLogps:
     """Summed log-probs of chosen (``first``) and rejected (``second``) of every held-out pair."""
-
-    def logp_fn(batch):
-        return sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"], LogprobSettings())
-
-    return compute_reference_logps(rows, collate, logp_fn, batch_size, device, desc, log)
+    return compute_reference_logps(rows, collate, SequenceLogprobs(model), batch_size, device, desc, log)
 
 
 def implicit_accuracy(policy: Policy, rows, collate, reference_pairs: ReferenceLogps, batch_size: int,

@@ -2,8 +2,9 @@
 
 Takes the recipe's ``model`` and ``lora`` sections (and token ids). Hands on the policy (a causal LM with a
 fresh LoRA adapter, :func:`add_lora` on :func:`load_base_model`), its per-sequence log-probs through the
-fused kernels (:func:`sequence_logprobs`), the memory plan of a recipe (:mod:`dpo.model.memory`), merging
-an adapter into its base (:mod:`dpo.model.merge`) and sampling completions (:mod:`dpo.model.generate`).
+fused kernels (:class:`SequenceLogprobs`, the module whose forward the training step, evaluation and the
+reference precompute call), the memory plan of a recipe (:mod:`dpo.model.memory`), merging an adapter
+into its base (:mod:`dpo.model.merge`) and sampling completions (:mod:`dpo.model.generate`).
 """
 
 from dpo.model.generate import (
@@ -14,21 +15,24 @@ from dpo.model.generate import (
     sample_completions,
 )
 from dpo.model.load import (
-    LogprobSettings,
     ModelError,
     add_lora,
     causal_lm,
     check_head,
     enable_checkpointing,
-    final_logit_softcap,
     from_pretrained_kwargs,
     is_quantized,
     keep_4bit_layout_trainable,
     load_base_model,
     load_tokenizer,
     quantization_config,
-    sequence_logprobs,
     torch_dtype,
+)
+from dpo.model.logprobs import (
+    LogprobSettings,
+    SequenceLogprobs,
+    final_logit_softcap,
+    sequence_logprobs,
     trunk,
 )
 from dpo.model.memory import memory_report
@@ -41,6 +45,7 @@ __all__ = [
     "ModelError",
     "Samples",
     "SamplingSettings",
+    "SequenceLogprobs",
     "add_lora",
     "causal_lm",
     "check_head",

@@ -1,37 +1,25 @@
-"""Model: the policy (a causal LM with a LoRA adapter) and its per-sequence log-probs.
+"""Loading the model: the base causal LM (full precision or 4/8-bit), its tokenizer, and a fresh LoRA adapter.
 
-The forward never builds ``[tokens, vocab]`` logits: the trunk returns final hidden states, and
-:func:`dpo.kernels.token_logprobs` turns the hidden states at completion positions plus the LM head's
-weight into log-probs of the targets. The reference model is the same network with the adapter
-disabled (or, when the recipe names one, a separate model used only while the reference log-probs are
-computed).
+The policy is the base with a LoRA adapter (:func:`add_lora`); the reference model is the same network
+with the adapter disabled (or, when the recipe names one, a separate model used only while the reference
+log-probs are computed). Heads the fused log-prob kernels would get wrong are refused here
+(:func:`check_head`); the log-probs themselves are :mod:`dpo.model.logprobs`'s business.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from dpo.kernels import token_logprobs
 from dpo.recipe import LoraConfig, ModelConfig
 
-IGNORE_INDEX = -100
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelError(ValueError):
     """A model this tool cannot train correctly; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class LogprobSettings:
-    """How per-token log-probs are computed (part of the reference cache's key)."""
-
-    impl: str = "auto"
-    chunk_size: int | None = None
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -207,53 +195,3 @@ def add_lora(model: nn.Module, lora: LoraConfig, gradient_checkpointing: bool = 
 def causal_lm(model: nn.Module) -> nn.Module:
     """The underlying ``*ForCausalLM`` of a (possibly peft-wrapped) model."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def trunk(model: nn.Module) -> nn.Module:
-    """The decoder stack that returns final (normed) hidden states, e.g. ``LlamaModel``."""
-    lm = causal_lm(model)
-    return getattr(lm, lm.base_model_prefix)
-
-
-def final_logit_softcap(model: nn.Module) -> float | None:
-    """Gemma-2 style ``cap * tanh(z / cap)`` on the logits, if the model uses it."""
-    cap = getattr(causal_lm(model).config, "final_logit_softcapping", None)
-    return float(cap) if cap else None
-
-
-def sequence_logprobs(
-    model: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    labels: Tensor,
-    settings: LogprobSettings = LogprobSettings(),
-) -> tuple[Tensor, Tensor]:
-    """Summed log-probs of the labelled tokens of each row.
-
-    Position ``t`` predicts token ``t + 1``; only positions whose next label is not -100 reach the kernel.
-
-    Args:
-        model: the policy (peft-wrapped or plain causal LM).
-        input_ids: ``[R, T]`` token ids.
-        attention_mask: ``[R, T]``, 1 on real tokens.
-        labels: ``[R, T]``, the token id on completion positions, -100 elsewhere.
-        settings: kernel choice and chunking.
-
-    Returns:
-        ``(logps [R] float32, token_counts [R] int64)``.
-    """
-    hidden = trunk(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    targets = labels[:, 1:]
-    selected = targets != IGNORE_INDEX
-    rows = selected.nonzero(as_tuple=True)[0]
-    head = causal_lm(model).get_output_embeddings()
-    per_token = token_logprobs(
-        hidden[:, :-1][selected],
-        head.weight,
-        targets[selected],
-        softcap=final_logit_softcap(model),
-        impl=settings.impl,
-        chunk_size=settings.chunk_size,
-    )
-    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, per_token)
-    return sums, selected.sum(dim=1)

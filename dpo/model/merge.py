@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dpo.model.load import LogprobSettings, load_base_model, load_tokenizer, sequence_logprobs
+from dpo.model.load import load_base_model, load_tokenizer
+from dpo.model.logprobs import LogprobSettings, sequence_logprobs
 from dpo.recipe import RecipeError, load_recipe
 
 Log = Callable[[str], None]

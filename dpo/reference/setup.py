@@ -36,14 +36,7 @@ import torch
 from torch import Tensor
 
 from dpo.data import PreparedData, collate_paired, collate_unpaired, prepare_data
-from dpo.model import (
-    LogprobSettings,
-    ModelError,
-    add_lora,
-    load_base_model,
-    load_tokenizer,
-    sequence_logprobs,
-)
+from dpo.model import LogprobSettings, ModelError, SequenceLogprobs, add_lora, load_base_model, load_tokenizer
 from dpo.recipe import Recipe
 from dpo.reference.compute import (
     LogpFn,
@@ -127,34 +120,34 @@ def reference_keys(recipe: Recipe, data: PreparedData, index: HashIndex | None =
 def open_reference(recipe: Recipe, settings: LogprobSettings, device, policy=None) -> Iterator[LogpFn]:
     """A ``logp_fn`` running the reference network; whatever it had to load is freed on exit.
 
-    Without ``reference.model_path`` or ``reference.adapter`` the reference is the policy's base with its
-    adapter disabled: ``policy`` when given, else one built here the way the trainer builds it (the same
-    numbers either way).
+    The network runs through :class:`dpo.model.SequenceLogprobs`, the training step's own forward. Without
+    ``reference.model_path`` or ``reference.adapter`` the reference is the policy's base with its adapter
+    disabled: ``policy`` when given, else one built here the way the trainer builds it (the same numbers
+    either way).
     """
     reference = recipe.reference
     holder: dict[str, Any] = {}  # the only strong reference to the network, cleared on exit
     try:
         if reference.model_path is None and reference.adapter is None:
-            holder["network"] = policy if policy is not None else add_lora(
-                load_base_model(recipe.model, device=device), recipe.lora, recipe.model.gradient_checkpointing)
-            was_training = holder["network"].training
-            holder["network"].eval()
+            holder["logprobs"] = SequenceLogprobs(policy if policy is not None else add_lora(
+                load_base_model(recipe.model, device=device), recipe.lora, recipe.model.gradient_checkpointing),
+                settings)
+            was_training = holder["logprobs"].model.training
+            holder["logprobs"].eval()
 
             def adapter_off_logp_fn(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-                with holder["network"].disable_adapter():
-                    return sequence_logprobs(holder["network"], batch["input_ids"], batch["attention_mask"],
-                                             batch["labels"], settings)
+                with holder["logprobs"].model.disable_adapter():
+                    return holder["logprobs"](batch)
 
             try:
                 yield adapter_off_logp_fn
             finally:
-                holder["network"].train(was_training)
+                holder["logprobs"].train(was_training)
             return
-        holder["network"] = load_reference_network(recipe, device)
+        holder["logprobs"] = SequenceLogprobs(load_reference_network(recipe, device), settings)
 
         def logp_fn(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-            return sequence_logprobs(holder["network"], batch["input_ids"], batch["attention_mask"],
-                                     batch["labels"], settings)
+            return holder["logprobs"](batch)
 
         yield logp_fn
     finally:

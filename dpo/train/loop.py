@@ -25,13 +25,7 @@ from tqdm.auto import tqdm
 
 from dpo.data import collate_paired, collate_unpaired, kto_balance_warning, prepare_data
 from dpo.losses import LossOutput, LossSpec, PairedLogps, UnpairedLogps, get_loss
-from dpo.model import (
-    LogprobSettings,
-    add_lora,
-    load_base_model,
-    load_tokenizer,
-    sequence_logprobs,
-)
+from dpo.model import LogprobSettings, SequenceLogprobs, add_lora, load_base_model, load_tokenizer
 from dpo.recipe import Recipe, RecipeError, TrainConfig
 from dpo.reference import ReferenceLogps, length_sorted_batches
 from dpo.reference import reference_logps as cached_reference_logps
@@ -126,10 +120,11 @@ def split_logps(first: Tensor, second: Tensor, first_tokens: Tensor, second_toke
     return UnpairedLogps(first, first_tokens, second, second_tokens, batch["label"])
 
 
-def batch_loss(policy, batch: dict[str, Tensor], spec: LossSpec, options: dict[str, float],
-               reference: ReferenceLogps | None, settings: LogprobSettings) -> LossOutput:
-    """Policy log-probs for one collated batch, looked-up reference values, and the registered loss."""
-    sums, counts = sequence_logprobs(policy, batch["input_ids"], batch["attention_mask"], batch["labels"], settings)
+def batch_loss(logprobs: SequenceLogprobs, batch: dict[str, Tensor], spec: LossSpec, options: dict[str, float],
+               reference: ReferenceLogps | None) -> LossOutput:
+    """Policy log-probs for one collated batch (through the step module), looked-up reference values, and the
+    registered loss."""
+    sums, counts = logprobs(batch)
     b = batch["index"].shape[0]
     counts = counts.float()
     policy_logps = split_logps(sums[:b], sums[b:], counts[:b], counts[b:], batch, spec)
@@ -142,7 +137,8 @@ def batch_loss(policy, batch: dict[str, Tensor], spec: LossSpec, options: dict[s
 
 @torch.no_grad()
 def evaluate(model, loader: DataLoader, loss_fn, device, gather: Gather = lambda obj: [obj]) -> dict[str, float]:
-    """Loss and metrics averaged over every example of ``loader`` (model in eval mode: no dropout).
+    """Loss and metrics averaged over every example of ``loader`` (``model``, the step module, in eval mode:
+    no dropout).
 
     In a multi-process run each process evaluates its share of the batches and ``gather`` (accelerate's
     ``gather_object``) brings every process's sums together, so all of them return the same means.
@@ -180,12 +176,17 @@ class TrainSetup:
     """What the loop trains and how it scores a batch; built once per run by the task's setup function.
 
     Attributes:
-        model: the trainable model (a peft model; only adapter parameters require grad).
+        model: the trainable model (a peft model; only adapter parameters require grad). The optimizer and
+            checkpoints name its parameters by its own ``named_parameters()``; it is saved as the adapter.
+        step_module: the module the loop runs (train and eval mode, the model handed to ``loss_fn``): its
+            forward computes what the loss needs from a batch, through ``model``'s parameters. For the
+            preference losses a :class:`dpo.model.SequenceLogprobs` around ``model``; for a reward model the
+            model itself.
         tokenizer: saved beside the adapter.
         train_rows: tokenized training examples.
         eval_rows: tokenized held-out examples.
         collate: list of rows -> batch of tensors.
-        loss_fn: ``(model, batch, split) -> LossOutput``; ``split`` is "train" or "eval" (which rows'
+        loss_fn: ``(step_module, batch, split) -> LossOutput``; ``split`` is "train" or "eval" (which rows'
             precomputed values to look up).
         headline: metric printed before and after training, with its label.
         drop_last: whether the last short training batch is dropped (losses whose estimate needs full batches).
@@ -194,6 +195,7 @@ class TrainSetup:
     """
 
     model: torch.nn.Module
+    step_module: torch.nn.Module
     tokenizer: object
     train_rows: object
     eval_rows: object
@@ -235,13 +237,13 @@ def preference_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
             fingerprints[f"reference.{split}"] = tensor_fingerprint(values.first, values.second,
                                                                     values.first_tokens, values.second_tokens)
 
-    def loss_fn(model, batch, split):
-        return batch_loss(model, batch, spec, options, references[split], settings)
+    def loss_fn(logprobs, batch, split):
+        return batch_loss(logprobs, batch, spec, options, references[split])
 
     headline = (("rewards/accuracies", "held-out preference accuracy") if spec.paired
                 else ("rewards/gap", "held-out reward gap, desirable minus undesirable"))
-    return TrainSetup(policy, tokenizer, data.train, data.eval, collate, loss_fn, headline, drop_last=not spec.paired,
-                      fingerprints=fingerprints)
+    return TrainSetup(policy, SequenceLogprobs(policy, settings), tokenizer, data.train, data.eval, collate, loss_fn,
+                      headline, drop_last=not spec.paired, fingerprints=fingerprints)
 
 
 def reward_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
@@ -249,8 +251,8 @@ def reward_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
     from dpo.reward import reward_parts
 
     parts = reward_parts(recipe, device, log)
-    return TrainSetup(parts.model, parts.tokenizer, parts.train_rows, parts.eval_rows, parts.collate, parts.loss_fn,
-                      headline=("rewards/accuracies", "held-out reward-model accuracy"),
+    return TrainSetup(parts.model, parts.model, parts.tokenizer, parts.train_rows, parts.eval_rows, parts.collate,
+                      parts.loss_fn, headline=("rewards/accuracies", "held-out reward-model accuracy"),
                       fingerprints=parts.fingerprints)
 
 
@@ -355,7 +357,7 @@ def _train(accelerator, recipe: Recipe, log: Log, *, resume: str | Path | bool |
     with accelerator.main_process_first():
         setup = (reward_setup(recipe, device, log) if recipe.task == "reward"
                  else preference_setup(recipe, device, log))
-    model, loss_fn = setup.model, setup.loss_fn
+    model, step_module, loss_fn = setup.model, setup.step_module, setup.loss_fn
     run = run_record(recipe_tree, setup.fingerprints, world)
     if checkpoint is not None:
         check_resume(run_differences(checkpoint.run, run), checkpoint, force, log)
@@ -387,8 +389,8 @@ def _train(accelerator, recipe: Recipe, log: Log, *, resume: str | Path | bool |
     steps_per_epoch = max(1, micro_batches // world // cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     optimizer = build_optimizer(params, cfg)
-    # Not handed to accelerate.prepare: its scheduler wrapper would step once per process, and a DDP wrapper
-    # around the model would never see the log-prob path's forward (see dpo.train.parallel).
+    # Not handed to accelerate.prepare: its scheduler wrapper would step once per process, and the step module
+    # is not wrapped in DDP (see dpo.train.parallel).
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     optimizer = accelerator.prepare(optimizer)
     # Evaluation batches the held-out rows exactly as the reference precompute does, so an untrained
@@ -432,7 +434,7 @@ def _train(accelerator, recipe: Recipe, log: Log, *, resume: str | Path | bool |
     metric_log = MetricLog(out_dir, tensorboard=recipe.output.tensorboard, enabled=is_main,
                            resumed_step=loop.step if checkpoint is not None else None)
     if checkpoint is None:
-        loop.eval_before = evaluate(model, eval_loader, loss_fn, device, gather) if has_eval else {}
+        loop.eval_before = evaluate(step_module, eval_loader, loss_fn, device, gather) if has_eval else {}
         if loop.eval_before:
             log(describe_eval("before training", loop.eval_before))
             metric_log.write({"split": "eval", "step": 0, **loop.eval_before})
@@ -441,7 +443,7 @@ def _train(accelerator, recipe: Recipe, log: Log, *, resume: str | Path | bool |
     # 4. The loop. A step is one optimizer update over grad_accum micro-batches (on every process);
     # checkpoints fall between steps, where accelerate's accumulation counter is aligned, so a resumed run
     # counts the same way. ``loop.micro_batch`` counts this process's micro-batches of the epoch.
-    model.train()
+    step_module.train()
     window = MetricWindow(dict(loop.window_sums), dict(loop.window_counts))
     tokens, window_start, step_losses = 0, time.perf_counter(), []
     progress = tqdm(total=total_steps, initial=loop.step, desc="train", disable=not is_main)
@@ -453,8 +455,8 @@ def _train(accelerator, recipe: Recipe, log: Log, *, resume: str | Path | bool |
                 rows = [setup.train_rows[i] for i in batches[loop.micro_batch]]
                 loop.micro_batch += 1
                 batch = {k: v.to(device) for k, v in setup.collate(rows).items()}
-                with accelerator.accumulate(model):
-                    out = loss_fn(model, batch, "train")
+                with accelerator.accumulate(step_module):
+                    out = loss_fn(step_module, batch, "train")
                     loss = out.losses.mean()
                     step_losses.append(float(loss.detach()))
                     accelerator.backward(loss)
@@ -501,7 +503,7 @@ def _train(accelerator, recipe: Recipe, log: Log, *, resume: str | Path | bool |
                     window.reset()
                     tokens, window_start = 0, time.perf_counter()
                 if cfg.eval_every and loop.step % cfg.eval_every == 0 and loop.step < total_steps and has_eval:
-                    metrics = evaluate(model, eval_loader, loss_fn, device, gather)
+                    metrics = evaluate(step_module, eval_loader, loss_fn, device, gather)
                     metric_log.write({"split": "eval", "step": loop.step, **metrics})
                     log(describe_eval(f"step {loop.step}", metrics))
                 if too_many_bad:
@@ -528,7 +530,7 @@ def _train(accelerator, recipe: Recipe, log: Log, *, resume: str | Path | bool |
         last_checkpoint = save(loop)
 
     # 5. Held-out metrics after training, adapter and tokenizer.
-    after = evaluate(model, eval_loader, loss_fn, device, gather) if has_eval else {}
+    after = evaluate(step_module, eval_loader, loss_fn, device, gather) if has_eval else {}
     if after:
         log(describe_eval("after training", after))
         metric_log.write({"split": "eval", "step": loop.step, **after})

@@ -1,10 +1,10 @@
 """Data parallelism for the training loop: which micro-batches a process takes, and what processes share.
 
-The policy is not wrapped in ``DistributedDataParallel``: the log-prob path calls the model's trunk and
-the fused kernels directly, never the ``*ForCausalLM`` forward that a DDP wrapper intercepts. The
-trainable parameters are few (a LoRA adapter), so each process runs its own micro-batches and the
-gradients are averaged with one all-reduce per dtype at the optimizer step (not once per micro-batch,
-as DDP outside ``no_sync`` would).
+The step module (:class:`dpo.model.SequenceLogprobs`, whose forward is the log-prob path) is not wrapped
+in ``DistributedDataParallel``, though it could be: its hooks would see that forward. The trainable
+parameters are few (a LoRA adapter), so each process runs its own micro-batches and the gradients are
+averaged with one all-reduce per dtype at the optimizer step (not once per micro-batch, as DDP outside
+``no_sync`` would).
 
 With ``W`` processes, process ``r`` takes micro-batches ``r, r + W, r + 2W, ...`` of the shared epoch
 order, so one round of ``W`` micro-batches in parallel gives the gradient that one process accumulating

@@ -1,0 +1,114 @@
+"""Per-sequence log-probs of a causal LM, and the training step's forward as a module.
+
+The forward never builds ``[tokens, vocab]`` logits: the trunk returns final hidden states, and
+:func:`dpo.kernels.token_logprobs` turns the hidden states at completion positions plus the LM head's
+weight into log-probs of the targets. :class:`SequenceLogprobs` is that computation as an ``nn.Module``
+whose ``forward(batch)`` the training step, evaluation and the reference precompute call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from dpo.kernels import token_logprobs
+from dpo.model.load import causal_lm
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class LogprobSettings:
+    """How per-token log-probs are computed (part of the reference cache's key)."""
+
+    impl: str = "auto"
+    chunk_size: int | None = None
+
+
+def trunk(model: nn.Module) -> nn.Module:
+    """The decoder stack that returns final (normed) hidden states, e.g. ``LlamaModel``."""
+    lm = causal_lm(model)
+    return getattr(lm, lm.base_model_prefix)
+
+
+def final_logit_softcap(model: nn.Module) -> float | None:
+    """Gemma-2 style ``cap * tanh(z / cap)`` on the logits, if the model uses it."""
+    cap = getattr(causal_lm(model).config, "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def sequence_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+    settings: LogprobSettings = LogprobSettings(),
+) -> tuple[Tensor, Tensor]:
+    """Summed log-probs of the labelled tokens of each row.
+
+    Position ``t`` predicts token ``t + 1``; only positions whose next label is not -100 reach the kernel.
+
+    Args:
+        model: the policy (peft-wrapped or plain causal LM).
+        input_ids: ``[R, T]`` token ids.
+        attention_mask: ``[R, T]``, 1 on real tokens.
+        labels: ``[R, T]``, the token id on completion positions, -100 elsewhere.
+        settings: kernel choice and chunking.
+
+    Returns:
+        ``(logps [R] float32, token_counts [R] int64)``.
+    """
+    hidden = trunk(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    selected = targets != IGNORE_INDEX
+    rows = selected.nonzero(as_tuple=True)[0]
+    head = causal_lm(model).get_output_embeddings()
+    per_token = token_logprobs(
+        hidden[:, :-1][selected],
+        head.weight,
+        targets[selected],
+        softcap=final_logit_softcap(model),
+        impl=settings.impl,
+        chunk_size=settings.chunk_size,
+    )
+    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, per_token)
+    return sums, selected.sum(dim=1)
+
+
+class SequenceLogprobs(nn.Module):
+    """The log-prob path as one module: ``forward(batch) -> (logps [R] float32, token_counts [R] int64)``.
+
+    :func:`sequence_logprobs` calls the trunk and the kernels directly, never the wrapped model's own
+    forward, so hooks registered on that model (an engine such as DDP, FSDP or DeepSpeed wraps a module and
+    works through its forward) would not see a step. This module's forward is that step: the training
+    step, evaluation and the reference precompute all go through it, so it is the object such an engine
+    wraps.
+
+    Its parameters are the wrapped model's (``parameters()`` yields the same tensors), named with the
+    prefix ``model.``; optimizer state and checkpoints name them by the wrapped model's own
+    ``named_parameters()``. ``train()`` / ``eval()`` set the wrapped model's mode too.
+
+    Args:
+        model: the policy (peft-wrapped or plain causal LM), or a reference network.
+        settings: kernel choice and chunking.
+    """
+
+    def __init__(self, model: nn.Module, settings: LogprobSettings = LogprobSettings()):
+        super().__init__()
+        self.model = model
+        self.settings = settings
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Summed log-probs of each row's labelled tokens, and how many there are.
+
+        Args:
+            batch: ``input_ids [R, T]``, ``attention_mask [R, T]`` (1 on real tokens) and ``labels [R, T]``
+                (the token id on completion positions, -100 elsewhere); other keys are ignored.
+
+        Returns:
+            ``(logps [R] float32, token_counts [R] int64)``.
+        """
+        return sequence_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                 self.settings)
