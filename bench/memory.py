@@ -120,7 +120,8 @@ def measure_ours(policy, recipe, rows: list[dict], device: str, warmup: int, rep
     from dpo.losses import get_loss
     from dpo.model import LogprobSettings, SequenceLogprobs
     from dpo.reference.compute import compute_reference_logps
-    from dpo.train.loop import batch_loss, build_optimizer
+    from dpo.train.loop import build_optimizer
+    from dpo.train.setup import batch_loss
 
     logprobs = SequenceLogprobs(policy, LogprobSettings(recipe.train.logprob_impl, recipe.train.logprob_chunk_size))
     collate = partial(collate_paired, pad_token_id=0)

@@ -152,9 +152,10 @@ def main(argv: list[str] | None = None) -> None:
 def first_step_time(tree: dict) -> float:
     """Seconds from calling ``train`` to the start of the first training step's loss."""
     import dpo.train.loop as trainer
+    import dpo.train.setup as train_setup
     from dpo.recipe import recipe_from_dict
 
-    real_batch_loss = trainer.batch_loss
+    real_batch_loss = train_setup.batch_loss
     marks: list[float] = []
 
     def timed_batch_loss(policy, *args, **kwargs):
@@ -162,12 +163,12 @@ def first_step_time(tree: dict) -> float:
             marks.append(time.perf_counter())
         return real_batch_loss(policy, *args, **kwargs)
 
-    trainer.batch_loss = timed_batch_loss
+    train_setup.batch_loss = timed_batch_loss
     try:
         start = time.perf_counter()
         trainer.train(recipe_from_dict(tree), log=lambda _: None)
     finally:
-        trainer.batch_loss = real_batch_loss
+        train_setup.batch_loss = real_batch_loss
     return round(marks[0] - start, 2)
 
 

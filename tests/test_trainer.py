@@ -114,9 +114,10 @@ def test_metric_window_averages_over_all_values_not_batch_means():
 
 def test_no_reference_pass_for_reference_free_losses(tmp_path, monkeypatch):
     import dpo.train.loop as trainer
+    import dpo.train.setup as train_setup
 
     calls = []
-    monkeypatch.setattr(trainer, "compute_references", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(train_setup, "compute_references", lambda *a, **k: calls.append(1))
     recipe_path = tiny_recipe(tmp_path, loss={"name": "simpo", "beta": 2.0})
     summary = trainer.train(load_recipe(recipe_path, ["train.max_steps=2"]), log=lambda _: None)
     assert calls == [] and summary["steps"] == 2
@@ -124,9 +125,10 @@ def test_no_reference_pass_for_reference_free_losses(tmp_path, monkeypatch):
 
 def test_reference_is_computed_before_the_first_step_and_never_inside_it(tmp_path, monkeypatch):
     import dpo.train.loop as trainer
+    import dpo.train.setup as train_setup
 
     events: list[str] = []
-    real_compute, real_batch_loss = trainer.compute_references, trainer.batch_loss
+    real_compute, real_batch_loss = train_setup.compute_references, train_setup.batch_loss
 
     def compute(*args, **kwargs):
         events.append("reference")
@@ -137,8 +139,8 @@ def test_reference_is_computed_before_the_first_step_and_never_inside_it(tmp_pat
         assert reference is not None
         return real_batch_loss(policy, batch, spec, options, reference)
 
-    monkeypatch.setattr(trainer, "compute_references", compute)
-    monkeypatch.setattr(trainer, "batch_loss", batch_loss)
+    monkeypatch.setattr(train_setup, "compute_references", compute)
+    monkeypatch.setattr(train_setup, "batch_loss", batch_loss)
     trainer.train(load_recipe(tiny_recipe(tmp_path), ["train.max_steps=2"]), log=lambda _: None)
     assert events[0] == "reference" and events.count("reference") == 1
     assert events.count("step") == 2
@@ -149,6 +151,7 @@ def test_every_step_and_evaluation_runs_the_step_modules_forward_and_checkpoints
     """An engine that wraps the step module sees every forward of the loop through its hooks; the optimizer
     state in a checkpoint is named by the peft model's own parameter names, not the wrapper's."""
     import dpo.train.loop as trainer
+    import dpo.train.setup as train_setup
     from dpo.model import SequenceLogprobs, add_lora
     from dpo.recipe import LoraConfig
 
@@ -159,7 +162,7 @@ def test_every_step_and_evaluation_runs_the_step_modules_forward_and_checkpoints
             super().__init__(*args, **kwargs)
             self.register_forward_hook(lambda module, args, output: seen.append(module.training))
 
-    monkeypatch.setattr(trainer, "SequenceLogprobs", Hooked)
+    monkeypatch.setattr(train_setup, "SequenceLogprobs", Hooked)
     recipe = load_recipe(tiny_recipe(tmp_path), ["train.max_steps=2", "train.save_every=1"])
     trainer.train(recipe, log=lambda _: None)
     assert seen.count(True) == 2  # one micro-batch per step

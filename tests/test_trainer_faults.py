@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 import dpo.model.logprobs as logprobs
 import dpo.train.checkpoint as ckpt
-import dpo.train.loop as trainer
+import dpo.train.setup as train_setup
 from dpo.cli import main
 from dpo.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from tests.helpers import build_tiny_model, write_pairs, write_recipe
@@ -106,7 +106,7 @@ def uninterrupted(tmp_path_factory, assets) -> dict:
 
 def crash_at_micro_batch(monkeypatch, number: int) -> None:
     """Make the ``number``-th training micro-batch (counted from 1) crash the run."""
-    real = trainer.batch_loss
+    real = train_setup.batch_loss
     seen = []
 
     def batch_loss(policy, *args):
@@ -116,7 +116,7 @@ def crash_at_micro_batch(monkeypatch, number: int) -> None:
                 raise Crash(f"killed at micro-batch {number}")
         return real(policy, *args)
 
-    monkeypatch.setattr(trainer, "batch_loss", batch_loss)
+    monkeypatch.setattr(train_setup, "batch_loss", batch_loss)
 
 
 def crash_while_writing(monkeypatch, step: int, write: int) -> None:
@@ -233,7 +233,7 @@ def test_output_directory_rules_from_the_command_line(tmp_path, assets, capsys):
 def poison(monkeypatch, steps: set[int], grad_accum: int) -> list[dict[str, torch.Tensor]]:
     """Make every micro-batch of the given steps' losses NaN; returns the trainable parameters as each
     training micro-batch saw them."""
-    real = trainer.batch_loss
+    real = train_setup.batch_loss
     seen: list[dict[str, torch.Tensor]] = []
 
     def batch_loss(policy, *args):
@@ -246,7 +246,7 @@ def poison(monkeypatch, steps: set[int], grad_accum: int) -> list[dict[str, torc
             out = dataclasses.replace(out, losses=out.losses * float("nan"))
         return out
 
-    monkeypatch.setattr(trainer, "batch_loss", batch_loss)
+    monkeypatch.setattr(train_setup, "batch_loss", batch_loss)
     return seen
 
 
@@ -302,9 +302,9 @@ def test_the_loss_is_float32_with_a_bfloat16_model(tmp_path, assets, monkeypatch
         dtypes.append(("loss", out.losses.dtype))
         return out
 
-    real_batch_loss = trainer.batch_loss
+    real_batch_loss = train_setup.batch_loss
     monkeypatch.setattr(logprobs, "sequence_logprobs", sequence_logprobs)
-    monkeypatch.setattr(trainer, "batch_loss", batch_loss)
+    monkeypatch.setattr(train_setup, "batch_loss", batch_loss)
     main([str(recipe), "--set", "model.dtype=bfloat16"])
     assert (torch.bfloat16, torch.float32) in dtypes  # a bfloat16 model's log-probs come out in float32
     assert {d for kind, d in dtypes if kind == "loss"} == {torch.float32}
@@ -315,16 +315,16 @@ def test_the_loss_is_float32_with_a_bfloat16_model(tmp_path, assets, monkeypatch
 
 DRIVER = """
 import sys, time
-import dpo.train.loop as trainer
+import dpo.train.setup as train_setup
 
-real = trainer.batch_loss
+real = train_setup.batch_loss
 
 def slow_batch_loss(policy, *args):
     if policy.training:
         time.sleep(float(sys.argv[2]))  # slow training steps, so that signals land in the middle of one
     return real(policy, *args)
 
-trainer.batch_loss = slow_batch_loss
+train_setup.batch_loss = slow_batch_loss
 from dpo.cli import main
 main([sys.argv[1]])
 """

@@ -1,9 +1,10 @@
 """The training stage: one loop from a recipe to a trained adapter, with checkpoints and metrics.
 
-Takes a validated recipe. Builds the task's model, data and loss (the preference losses over cached
-reference log-probs, or a reward model), then runs the optimizer steps, evaluations and checkpoints, on
-one process or several (data parallel, :mod:`dpo.train.parallel`). Hands on the adapter, ``metrics.jsonl``
-(:mod:`dpo.train.metric_log`), ``final_metrics.json`` and resumable checkpoints
+Takes a validated recipe. The task's setup (:mod:`dpo.train.setup`) builds the model, the step module
+whose forward the loop runs, the data and the loss (the preference losses over cached reference
+log-probs, or a reward model); the loop (:mod:`dpo.train.loop`) runs the optimizer steps, evaluations and
+checkpoints, on one process or several (data parallel, :mod:`dpo.train.parallel`). Hands on the adapter,
+``metrics.jsonl`` (:mod:`dpo.train.metric_log`), ``final_metrics.json`` and resumable checkpoints
 (:mod:`dpo.train.checkpoint`).
 """
 
@@ -18,16 +19,20 @@ from dpo.train.checkpoint import (
 )
 from dpo.train.loop import build_optimizer, train
 from dpo.train.metric_log import MetricLog
+from dpo.train.setup import TrainSetup, preference_setup, reward_setup
 
 __all__ = [
     "CheckpointError",
     "MetricLog",
     "TooManyBadSteps",
+    "TrainSetup",
     "TrainingInterrupted",
     "TrainingStopped",
     "build_optimizer",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "preference_setup",
+    "reward_setup",
     "train",
 ]

@@ -1,8 +1,8 @@
 """The training loop: one function, read top to bottom.
 
-recipe -> data -> reference log-probs -> policy -> per-sequence log-probs -> loss -> optimizer step ->
-metrics and adapter. The loss comes from the registry (``dpo.losses``); the loop only reads its flags
-(needs a reference? paired?), never its name.
+recipe -> task setup (data, model, step module, loss, reference log-probs; :mod:`dpo.train.setup`) ->
+optimizer steps over the step module's forward and the loss -> evaluations, checkpoints, metrics ->
+adapter. The loop never looks at the task or the loss by name: it runs what the setup hands it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,12 +22,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dpo.data import collate_paired, collate_unpaired, kto_balance_warning, prepare_data
-from dpo.losses import LossOutput, LossSpec, PairedLogps, UnpairedLogps, get_loss
-from dpo.model import LogprobSettings, SequenceLogprobs, add_lora, load_base_model, load_tokenizer
 from dpo.recipe import Recipe, RecipeError, TrainConfig
-from dpo.reference import ReferenceLogps, length_sorted_batches
-from dpo.reference import reference_logps as cached_reference_logps
+from dpo.reference import length_sorted_batches
 from dpo.train.checkpoint import (
     LoopState,
     StopSignals,
@@ -44,12 +39,12 @@ from dpo.train.checkpoint import (
     run_differences,
     run_record,
     save_checkpoint,
-    tensor_fingerprint,
     version_notes,
     write_text_atomic,
 )
 from dpo.train.metric_log import MetricLog, tensorboard_available
 from dpo.train.parallel import average_gradients, broadcast_parameters, merge_sums, shard
+from dpo.train.setup import preference_setup, reward_setup
 
 Log = Callable[[str], None]
 Gather = Callable[[object], list]
@@ -112,29 +107,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def split_logps(first: Tensor, second: Tensor, first_tokens: Tensor, second_tokens: Tensor,
-                batch: dict[str, Tensor], spec: LossSpec) -> PairedLogps | UnpairedLogps:
-    """Arrange per-row values of a ``2B``-row batch as the loss's input type."""
-    if spec.paired:
-        return PairedLogps(first, second, first_tokens, second_tokens)
-    return UnpairedLogps(first, first_tokens, second, second_tokens, batch["label"])
-
-
-def batch_loss(logprobs: SequenceLogprobs, batch: dict[str, Tensor], spec: LossSpec, options: dict[str, float],
-               reference: ReferenceLogps | None) -> LossOutput:
-    """Policy log-probs for one collated batch (through the step module), looked-up reference values, and the
-    registered loss."""
-    sums, counts = logprobs(batch)
-    b = batch["index"].shape[0]
-    counts = counts.float()
-    policy_logps = split_logps(sums[:b], sums[b:], counts[:b], counts[b:], batch, spec)
-    reference_logps = None
-    if reference is not None:
-        ref_first, ref_second = reference.lookup(batch["index"])
-        reference_logps = split_logps(ref_first, ref_second, counts[:b], counts[b:], batch, spec)
-    return spec.compute(policy_logps, reference_logps, options)
-
-
 @torch.no_grad()
 def evaluate(model, loader: DataLoader, loss_fn, device, gather: Gather = lambda obj: [obj]) -> dict[str, float]:
     """Loss and metrics averaged over every example of ``loader`` (``model``, the step module, in eval mode:
@@ -166,94 +138,6 @@ def _quiet(message: str) -> None:
 def describe_eval(tag: str, metrics: dict[str, float]) -> str:
     shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
     return f"eval ({tag}): {shown}"
-
-
-# ------------------------------------------------------------------------------------------- setup
-
-
-@dataclass
-class TrainSetup:
-    """What the loop trains and how it scores a batch; built once per run by the task's setup function.
-
-    Attributes:
-        model: the trainable model (a peft model; only adapter parameters require grad). The optimizer and
-            checkpoints name its parameters by its own ``named_parameters()``; it is saved as the adapter.
-        step_module: the module the loop runs (train and eval mode, the model handed to ``loss_fn``): its
-            forward computes what the loss needs from a batch, through ``model``'s parameters. For the
-            preference losses a :class:`dpo.model.SequenceLogprobs` around ``model``; for a reward model the
-            model itself.
-        tokenizer: saved beside the adapter.
-        train_rows: tokenized training examples.
-        eval_rows: tokenized held-out examples.
-        collate: list of rows -> batch of tensors.
-        loss_fn: ``(step_module, batch, split) -> LossOutput``; ``split`` is "train" or "eval" (which rows'
-            precomputed values to look up).
-        headline: metric printed before and after training, with its label.
-        drop_last: whether the last short training batch is dropped (losses whose estimate needs full batches).
-        fingerprints: content hashes of what the run was built from (tokenized data, reference log-probs);
-            a checkpoint records them and a resume must match them.
-    """
-
-    model: torch.nn.Module
-    step_module: torch.nn.Module
-    tokenizer: object
-    train_rows: object
-    eval_rows: object
-    collate: Callable[[list[dict]], dict[str, Tensor]]
-    loss_fn: Callable[[torch.nn.Module, dict[str, Tensor], str], LossOutput]
-    headline: tuple[str, str] = ("rewards/accuracies", "held-out preference accuracy")
-    drop_last: bool = False
-    fingerprints: dict[str, str] = field(default_factory=dict)
-
-
-def preference_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
-    """DPO-family training: data, policy with a fresh adapter, reference log-probs, registered loss."""
-    cfg = recipe.train
-    spec = get_loss(recipe.loss.name)
-    options = recipe.loss.options()
-    tokenizer = load_tokenizer(recipe.model)
-    data = prepare_data(recipe.data, tokenizer, unpaired=not spec.paired, seed=cfg.seed, log=log)
-    if len(data.train) == 0:
-        raise ValueError(f"data.train: no usable training examples in {recipe.data.train}")
-    if not spec.paired:
-        labels = data.train["label"]
-        warning = kto_balance_warning(sum(labels), len(labels) - sum(labels),
-                                      options["desirable_weight"], options["undesirable_weight"])
-        if warning:
-            log(f"warning: {warning}")
-    collate = partial(collate_paired if spec.paired else collate_unpaired, pad_token_id=tokenizer.pad_token_id)
-    base = load_base_model(recipe.model, device=device)
-    policy = add_lora(base, recipe.lora, recipe.model.gradient_checkpointing)
-    settings = LogprobSettings(cfg.logprob_impl, cfg.logprob_chunk_size)
-    # Reference log-probs, once, before any training step; the step only looks them up.
-    reference_train = reference_eval = None
-    if spec.needs_reference:
-        reference_train, reference_eval = compute_references(recipe, policy, data, collate, settings, device, log)
-
-    references = {"train": reference_train, "eval": reference_eval}
-    fingerprints = {"data.train": data.train_fingerprint, "data.eval": data.eval_fingerprint}
-    for split, values in references.items():
-        if values is not None:
-            fingerprints[f"reference.{split}"] = tensor_fingerprint(values.first, values.second,
-                                                                    values.first_tokens, values.second_tokens)
-
-    def loss_fn(logprobs, batch, split):
-        return batch_loss(logprobs, batch, spec, options, references[split])
-
-    headline = (("rewards/accuracies", "held-out preference accuracy") if spec.paired
-                else ("rewards/gap", "held-out reward gap, desirable minus undesirable"))
-    return TrainSetup(policy, SequenceLogprobs(policy, settings), tokenizer, data.train, data.eval, collate, loss_fn,
-                      headline, drop_last=not spec.paired, fingerprints=fingerprints)
-
-
-def reward_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
-    """Bradley–Terry reward model on the same pairs (see :mod:`dpo.reward`); no reference pass."""
-    from dpo.reward import reward_parts
-
-    parts = reward_parts(recipe, device, log)
-    return TrainSetup(parts.model, parts.model, parts.tokenizer, parts.train_rows, parts.eval_rows, parts.collate,
-                      parts.loss_fn, headline=("rewards/accuracies", "held-out reward-model accuracy"),
-                      fingerprints=parts.fingerprints)
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -546,11 +430,3 @@ def _train(accelerator, recipe: Recipe, log: Log, *, resume: str | Path | bool |
         log(f"{label}: {loop.eval_before[key]:.3f} before -> {after[key]:.3f} after training")
     log(f"adapter saved to {adapter_dir}")
     return summary
-
-
-def compute_references(recipe: Recipe, policy, data, collate, settings: LogprobSettings,
-                       device, log: Log) -> tuple[ReferenceLogps, ReferenceLogps]:
-    """Reference log-probs for both splits through the on-disk cache (``dpo.reference.setup``): read on a
-    hit, without loading or running anything; computed on a miss by a separate model if the recipe names
-    one (loaded only meanwhile), else by the policy's base with the adapter disabled."""
-    return cached_reference_logps(recipe, data, collate, settings, device, log, policy=policy)
