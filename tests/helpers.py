@@ -6,13 +6,15 @@ Nothing is downloaded; every model is loaded back through the real ``from_pretra
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import torch
 
 from dpo.quickstart import build_tokenizer, make_pairs
 
-__all__ = ["build_tokenizer", "build_tiny_model", "write_jsonl", "write_pairs", "write_recipe"]
+__all__ = ["build_tokenizer", "build_tiny_model", "qlora_recipe", "reference_values", "write_jsonl", "write_pairs",
+           "write_recipe", "yes_no_pairs"]
 
 
 def build_tiny_model(directory: str | Path, arch: str = "llama", *, vocab_size: int | None = None,
@@ -80,3 +82,36 @@ def write_recipe(path: str | Path, tree: dict) -> Path:
     path = Path(path)
     path.write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
     return path
+
+
+def reference_values(n: int) -> dict[str, torch.Tensor]:
+    """Reference-cache tensors for ``n`` examples, each value distinct."""
+    return {"first": -torch.arange(n, dtype=torch.float32), "second": -2 * torch.arange(n, dtype=torch.float32),
+            "first_tokens": torch.arange(n) + 1, "second_tokens": torch.arange(n) + 2}
+
+
+def yes_no_pairs(count: int, seed: int, numbers: range) -> list[dict[str, str]]:
+    """Pairs whose chosen answer is always " yes" and rejected " no": learnable in a few steps, and it
+    carries to prompts never seen in training."""
+    rng = random.Random(seed)
+    return [{"prompt": f"Is {n} a number? Answer:", "chosen": " yes", "rejected": " no"}
+            for n in rng.sample(list(numbers), count)]
+
+
+def qlora_recipe(tmp_path: Path, quantization: dict | None = None, **train) -> Path:
+    model = build_tiny_model(tmp_path / "model")
+    write_jsonl(tmp_path / "data" / "train.jsonl", yes_no_pairs(32, 0, range(100, 500)))
+    write_jsonl(tmp_path / "data" / "eval.jsonl", yes_no_pairs(16, 1, range(500, 999)))
+    tree = {
+        "model": {"path": str(model), "gradient_checkpointing": True,
+                  "quantization": quantization or {"bits": 4, "compute_dtype": "float32"}},
+        "data": {"train": str(tmp_path / "data" / "train.jsonl"), "eval": str(tmp_path / "data" / "eval.jsonl"),
+                 "max_length": 32, "max_prompt_length": 24},
+        "lora": {"r": 8, "alpha": 16},
+        "loss": {"name": "dpo", "beta": 0.5},
+        "train": {"max_steps": 6, "batch_size": 8, "lr": 0.02, "warmup_steps": 0, "log_every": 3, "seed": 0,
+                  "optimizer": "adamw_8bit", **train},
+        "reference": {"batch_size": 16, "cache_dir": str(tmp_path / "cache")},
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    return write_recipe(tmp_path / "recipe.yaml", tree)

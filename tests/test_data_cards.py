@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from data_helpers import FIXTURES, build_word_tokenizer
 
 from dpo.data import prepare_data
 from dpo.recipe import DataConfig
+from tests.data_helpers import FIXTURES, build_word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CARDS = ROOT / "data_cards"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from dpo.recipe import LOSS_CONFIGS, Recipe, RecipeError, load_recipe, recipe_from_dict
+from dpo.recipe import LOSS_CONFIGS, ModelConfig, Recipe, RecipeError, load_recipe, recipe_from_dict
+from tests.helpers import write_recipe
 
 MINIMAL = {"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "output": {"dir": "out"}}
 
@@ -109,3 +110,35 @@ def test_resolved_recipe_has_every_default():
     tree = yaml.safe_load(recipe.to_yaml())
     assert set(tree) == set(Recipe.model_fields)
     assert tree["train"]["seed"] == 0 and tree["lora"]["target_modules"] == "all-linear"
+
+
+def test_recipe_quantization_dtype_rules(tmp_path):
+    assert ModelConfig(path="m", quantization={"compute_dtype": "float32"}).dtype == "float32"
+    assert ModelConfig(path="m", dtype="bfloat16", quantization={}).dtype == "bfloat16"
+    with pytest.raises(ValueError, match="compute_dtype"):
+        ModelConfig(path="m", dtype="float32", quantization={"compute_dtype": "bfloat16"})
+    recipe_path = write_recipe(tmp_path / "r.yaml", {
+        "model": {"path": "m", "quantization": {"bits": 4, "compute_dtype": "float16"}},
+        "data": {"train": "t.jsonl"}, "output": {"dir": "o"}})
+    with pytest.raises(RecipeError, match="loss_scaler"):  # float16 compute needs loss scaling like float16 weights
+        load_recipe(recipe_path)
+    with pytest.raises(RecipeError, match="quantization.bits"):
+        load_recipe(recipe_path, ["model.quantization.bits=3"])
+
+
+def test_reward_recipe_refuses_loss_settings_and_round_trips():
+    import yaml
+
+    base = {"model": {"path": "m"}, "data": {"train": "t"}, "output": {"dir": "o"}}
+    recipe = recipe_from_dict({**base, "task": "reward", "reward": {"margin_column": "gap", "center_weight": 0.01}})
+    assert recipe.reward.margin_column == "gap" and recipe.reward.center_weight == 0.01
+    # a resolved recipe holds every section, the other task's at its defaults: it loads back as it was
+    assert recipe_from_dict(yaml.safe_load(recipe.to_yaml())) == recipe
+    policy = recipe_from_dict(base)
+    assert recipe_from_dict(yaml.safe_load(policy.to_yaml())) == policy
+    with pytest.raises(RecipeError, match="takes no loss section"):
+        recipe_from_dict({**base, "task": "reward", "loss": {"beta": 0.2}})
+    with pytest.raises(RecipeError, match="used only with task: reward"):
+        recipe_from_dict({**base, "reward": {"center_weight": 0.1}})
+    with pytest.raises(RecipeError, match="reward.center_weight"):
+        recipe_from_dict({**base, "task": "reward", "reward": {"center_weight": -1}})

@@ -11,7 +11,7 @@ from dpo.cli import main
 from dpo.losses import LOSSES
 from dpo.recipe import load_recipe
 
-# compare-*.yaml files describe a comparison, not a training run (tests/test_compare.py loads them).
+# compare-*.yaml files describe a comparison, not a training run (tests/compare/test_config.py loads them).
 RECIPES = sorted(p for p in Path("recipes").glob("*.yaml") if not p.name.startswith("compare-"))
 LOSS_RECIPES = sorted(Path("recipes").glob("quickstart-*.yaml"))
 

@@ -20,7 +20,7 @@ import torch
 from dpo.kernels import token_logprobs
 from dpo.kernels.torch_logprobs import TORCH_BYTES_PER_LOGIT, TORCH_WORKSPACE_BYTES, default_token_chunk
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 IGNORE = -100
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from dpo.cli import main
 from dpo.train.metric_log import MetricLog
-from tests.test_trainer import read_jsonl, tiny_recipe
+from tests.train.test_loop import read_jsonl, tiny_recipe
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402

@@ -6,10 +6,10 @@ import json
 import shutil
 
 import pytest
-from data_helpers import FIXTURES, build_word_tokenizer, data_config
 
 from dpo.data import DataError, prepare_data
 from dpo.data.prepare import split_rows
+from tests.data_helpers import FIXTURES, build_word_tokenizer, data_config
 
 
 def rows_of(path):

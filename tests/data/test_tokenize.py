@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from data_helpers import FIXTURES, build_word_tokenizer, data_config, tokens
 
 from dpo.data import DataError, prepare_data
 from dpo.data.tokenize import cut_prompt, special_tokens, truncate, with_single_bos, with_single_eos
+from tests.data_helpers import FIXTURES, build_word_tokenizer, data_config, tokens
 
 BOS, EOS = 1, 2
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from data_helpers import FIXTURES, build_word_tokenizer, data_config, tokens
 
 from dpo.data import IGNORE_INDEX, collate_paired, collate_unpaired, prepare_data
+from tests.data_helpers import FIXTURES, build_word_tokenizer, data_config, tokens
 
 
 def test_masking_hand_built_pair_labels_exactly_completion_and_eos():

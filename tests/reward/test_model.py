@@ -1,20 +1,17 @@
-"""Reward model: the Bradley–Terry loss by hand, the margin column through the data path, rewards read at the
-last real token, training on the quickstart task, and ``dpo-train score``."""
+"""Reward model: the Bradley–Terry loss by hand, rewards read at the last real token, training on the
+quickstart task, and a 4-bit (QLoRA) reward model."""
 
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from dpo.cli import main
-from dpo.data import DataError, collate_paired, prepare_data
-from dpo.model import load_tokenizer
-from dpo.quickstart import is_correct
-from dpo.recipe import DataConfig, LoraConfig, ModelConfig, RecipeError, recipe_from_dict
+from dpo.data import collate_paired, prepare_data
+from dpo.recipe import LoraConfig, ModelConfig
 from dpo.reward.model import (
     HEAD,
     add_reward_lora,
@@ -26,8 +23,6 @@ from dpo.reward.model import (
 )
 from dpo.reward.scoring import score_texts
 from tests.helpers import build_tiny_model, write_jsonl, write_recipe
-
-QUICKSTART = Path("recipes/quickstart")
 
 
 def softplus(x: float) -> float:
@@ -76,62 +71,6 @@ def test_centering_term_and_its_gradient_by_hand():
     assert rejected.grad.tolist() == pytest.approx([0.97754067, 0.7], abs=1e-7)
 
 
-# -------------------------------------------------------------------------------- margin through the data
-
-
-def margin_rows() -> list[dict]:
-    return [{"prompt": f"Is {n} even or odd? Answer:", "chosen": " even" if n % 2 == 0 else " odd",
-             "rejected": " odd" if n % 2 == 0 else " even", "gap": 0.25 * i} for i, n in enumerate(range(20, 28))]
-
-
-def test_margin_column_is_carried_to_the_batch(tmp_path):
-    path = write_jsonl(tmp_path / "pairs.jsonl", margin_rows())
-    tokenizer = load_tokenizer(ModelConfig(path=str(QUICKSTART / "model")))
-    cfg = DataConfig(train=str(path), eval_fraction=0.0, cache_dir=str(tmp_path / "cache"))
-    data = prepare_data(cfg, tokenizer, unpaired=False, seed=0, log=lambda _: None, margin_column="gap")
-    batch = collate_paired([data.train[i] for i in (2, 5, 7)], pad_token_id=tokenizer.pad_token_id)
-    assert batch["margin"].tolist() == [0.5, 1.25, 1.75]
-    without = prepare_data(cfg, tokenizer, unpaired=False, seed=0, log=lambda _: None)
-    assert "margin" not in collate_paired([without.train[0]], pad_token_id=tokenizer.pad_token_id)
-    assert without.train_fingerprint != data.train_fingerprint  # a margin is part of what the data is
-
-
-def test_missing_or_non_numeric_margins_are_bad_rows(tmp_path):
-    rows = margin_rows()
-    rows[3]["gap"] = "high"
-    del rows[5]["gap"]
-    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    tokenizer = load_tokenizer(ModelConfig(path=str(QUICKSTART / "model")))
-    cfg = DataConfig(train=str(path), eval_fraction=0.0, cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(DataError) as info:
-        prepare_data(cfg, tokenizer, unpaired=False, seed=0, log=lambda _: None, margin_column="gap")
-    message = str(info.value)
-    assert "line 4: non-numeric value: 'gap' is 'high'" in message and "line 6: missing field" in message
-    with pytest.raises(DataError, match="reward.margin_column is 'rating', but there is no such column"):
-        prepare_data(cfg, tokenizer, unpaired=False, seed=0, log=lambda _: None, margin_column="rating")
-
-
-# ------------------------------------------------------------------------------------------ the recipe
-
-
-def test_reward_recipe_refuses_loss_settings_and_round_trips():
-    import yaml
-
-    base = {"model": {"path": "m"}, "data": {"train": "t"}, "output": {"dir": "o"}}
-    recipe = recipe_from_dict({**base, "task": "reward", "reward": {"margin_column": "gap", "center_weight": 0.01}})
-    assert recipe.reward.margin_column == "gap" and recipe.reward.center_weight == 0.01
-    # a resolved recipe holds every section, the other task's at its defaults: it loads back as it was
-    assert recipe_from_dict(yaml.safe_load(recipe.to_yaml())) == recipe
-    policy = recipe_from_dict(base)
-    assert recipe_from_dict(yaml.safe_load(policy.to_yaml())) == policy
-    with pytest.raises(RecipeError, match="takes no loss section"):
-        recipe_from_dict({**base, "task": "reward", "loss": {"beta": 0.2}})
-    with pytest.raises(RecipeError, match="used only with task: reward"):
-        recipe_from_dict({**base, "reward": {"center_weight": 0.1}})
-    with pytest.raises(RecipeError, match="reward.center_weight"):
-        recipe_from_dict({**base, "task": "reward", "reward": {"center_weight": -1}})
-
-
 # ---------------------------------------------------------------------------------------- the model
 
 
@@ -164,28 +103,6 @@ def test_lora_adapts_the_trunk_and_trains_the_head_in_full(tmp_path):
     assert all("lora" in n or "modules_to_save" in n for n in trainable)
 
 
-# ------------------------------------------------------------------------------------------- training
-
-
-@pytest.fixture(scope="module")
-def trained_reward_model(tmp_path_factory) -> Path:
-    """A reward model trained briefly on the quickstart task (its own model, train and held-out pairs)."""
-    tmp = tmp_path_factory.mktemp("reward")
-    recipe = write_recipe(tmp / "reward.yaml", {
-        "task": "reward",
-        "model": {"path": str(QUICKSTART / "model")},
-        "data": {"train": str(QUICKSTART / "data" / "train.jsonl"), "eval": str(QUICKSTART / "data" / "eval.jsonl"),
-                 "max_length": 64, "max_prompt_length": 48, "cache_dir": str(tmp / "cache")},
-        "lora": {"r": 32, "alpha": 64},
-        "reward": {"center_weight": 0.01},
-        "train": {"seed": 0, "max_steps": 500, "batch_size": 16, "lr": 0.001, "warmup_ratio": 0.05,
-                  "log_every": 100},
-        "output": {"dir": str(tmp / "run")},
-    })
-    main([str(recipe)])
-    return tmp / "run"
-
-
 def test_reward_model_ranks_held_out_quickstart_pairs_well_above_chance(trained_reward_model):
     final = json.loads((trained_reward_model / "final_metrics.json").read_text())
     before, after = final["eval_before"], final["eval_after"]
@@ -206,42 +123,6 @@ def test_saved_run_reproduces_its_held_out_accuracy(trained_reward_model):
     accuracy = ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean().item()
     # the trained head is saved with the adapter: a fresh head would rank at chance, not at the run's accuracy
     assert accuracy == pytest.approx(final["eval_after"]["rewards/accuracies"], abs=1e-6)
-
-
-def test_score_command_writes_one_score_per_row(trained_reward_model, tmp_path):
-    rows = []
-    for line in (QUICKSTART / "data" / "eval.jsonl").read_text().splitlines()[:40]:
-        pair = json.loads(line)
-        rows.append({"id": len(rows), "prompt": pair["prompt"], "completion": pair["chosen"]})
-        rows.append({"id": len(rows), "prompt": pair["prompt"], "completion": pair["rejected"]})
-    data = write_jsonl(tmp_path / "answers.jsonl", rows)
-    main(["score", "--reward-model", str(trained_reward_model), "--data", str(data)])
-    written = [json.loads(line) for line in (tmp_path / "answers.scores.jsonl").read_text().splitlines()]
-    assert [{k: v for k, v in r.items() if k != "score"} for r in written] == rows  # every row, in order, intact
-    run = load_reward_run(trained_reward_model)
-    expected = score_texts(run, rows, 16, "cpu", "test")
-    assert [r["score"] for r in written] == pytest.approx(expected, abs=1e-5)
-    correct = [r["score"] for r in written if is_correct(r["prompt"], r["completion"])]
-    wrong = [r["score"] for r in written if not is_correct(r["prompt"], r["completion"])]
-    assert sum(correct) / len(correct) > sum(wrong) / len(wrong)
-
-
-def test_score_names_the_bad_row(trained_reward_model, tmp_path, capsys):
-    data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Is 4 even? Answer:", "completion": " even"},
-                                                {"prompt": "Is 5 even? Answer:"}])
-    with pytest.raises(SystemExit) as info:
-        main(["score", "--reward-model", str(trained_reward_model), "--data", str(data)])
-    assert info.value.code == 2
-    assert "bad.jsonl, line 2: missing field: no 'completion' field" in capsys.readouterr().err
-
-
-def test_score_refuses_a_policy_run(tmp_path, capsys):
-    run = tmp_path / "run"
-    (run / "adapter").mkdir(parents=True)
-    write_recipe(run / "recipe.yaml", {"model": {"path": "m"}, "data": {"train": "t"}, "output": {"dir": str(run)}})
-    with pytest.raises(SystemExit):
-        main(["score", "--reward-model", str(run), "--data", str(tmp_path / "x.jsonl")])
-    assert "trained with task: preference, not a reward model" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- QLoRA

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from data_helpers import FIXTURES, build_word_tokenizer, data_config, tokens
 
 from dpo.data import DataError, prepare_data
 from dpo.data.layouts import CANONICAL_COLUMNS, detect_layout, split_conversations, split_transcripts
 from dpo.data.validate import EMPTY_TEXT, MISMATCHED_PROMPTS, RowProblem
 from dpo.recipe import DATA_COLUMNS, DataConfig
+from tests.data_helpers import FIXTURES, build_word_tokenizer, data_config, tokens
 
 
 def prepare(path, tmp_path, **fields):

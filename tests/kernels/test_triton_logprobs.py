@@ -24,7 +24,7 @@ import torch
 pytest.importorskip("triton")
 
 HAS_CUDA = torch.cuda.is_available()
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 IGNORE = -100
 
 

@@ -1,11 +1,10 @@
-"""The reference log-prob cache: keys, file checks, interrupted precomputes, agreement with full logits,
-and a second run that never runs the reference model."""
+"""Reference log-probs through the cache: the key, agreement with full logits, corrupted files recomputed, a
+second run that never runs the reference model, verification, and a separate reference model."""
 
 from __future__ import annotations
 
 import gc
 import json
-import os
 import shutil
 import weakref
 from functools import partial
@@ -13,32 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import dpo.reference.setup as reference_setup
 from dpo.cli import main
 from dpo.data import collate_paired, prepare_data
 from dpo.model import LogprobSettings, add_lora, load_base_model, load_tokenizer
 from dpo.recipe import recipe_from_dict
-from dpo.reference.compute import compute_and_store, compute_reference_logps, reference_mismatches
-from dpo.reference.fingerprint import HashIndex, IdentityError, folder_identity
 from dpo.reference.setup import reference_keys, reference_logps, reference_store
-from dpo.reference.store import CacheFileError, ReferenceStore
 from tests.helpers import build_tiny_model, write_jsonl, write_pairs, write_recipe
 
 QUIET = lambda _: None  # noqa: E731
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """One tiny Llama and one small pair set shared by the tests that do not modify them."""
-    root = tmp_path_factory.mktemp("reference-assets")
-    model = build_tiny_model(root / "model")
-    train, eval_ = write_pairs(root / "data", train=24, eval=12)
-    return {"model": model, "train": train, "eval": eval_, "root": root}
 
 
 def recipe_tree(assets: dict, cache: Path, **sections) -> dict:
@@ -198,82 +185,6 @@ def test_eval_key_holds_the_batch_size_train_key_does_not(tmp_path, assets):
     assert small[0] == large[0] and small[1] != large[1]
 
 
-def test_file_digests_are_memoized_and_redone_when_a_file_changes(tmp_path, assets):
-    folder = shutil.copytree(assets["model"], tmp_path / "model")
-    memo = tmp_path / "hashes.json"
-    first = HashIndex(memo)
-    identity = folder_identity(str(folder), first, "model.path")
-    assert {p.name for p in first.hashed} == {"config.json", "model.safetensors"}  # tokenizer files left out
-    again = HashIndex(memo)
-    assert folder_identity(str(folder), again, "model.path") == identity and again.hashed == []
-
-    # Same size, same mtime, different bytes: the ctime still moves, so the file is hashed again.
-    weights = folder / "model.safetensors"
-    stat = weights.stat()
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF
-    weights.write_bytes(bytes(data))
-    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    third = HashIndex(memo)
-    changed = folder_identity(str(folder), third, "model.path")
-    assert [p.name for p in third.hashed] == ["model.safetensors"]
-    assert changed["files"]["model.safetensors"] != identity["files"]["model.safetensors"]
-    assert changed["files"]["config.json"] == identity["files"]["config.json"]
-
-
-def test_hub_models_are_identified_by_their_snapshot_commit(tmp_path, monkeypatch):
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    repo = tmp_path / "models--org--tiny"
-
-    def publish(commit: str) -> None:
-        (repo / "snapshots" / commit).mkdir(parents=True)
-        (repo / "snapshots" / commit / "config.json").write_text("{}")
-        (repo / "refs").mkdir(exist_ok=True)
-        (repo / "refs" / "main").write_text(commit)
-
-    publish("a" * 40)
-    assert folder_identity("org/tiny", HashIndex(None), "model.path") == {"hub": "org/tiny", "commit": "a" * 40}
-    publish("b" * 40)
-    assert folder_identity("org/tiny", HashIndex(None), "model.path")["commit"] == "b" * 40
-    with pytest.raises(IdentityError, match="model.path: 'org/absent'"):
-        folder_identity("org/absent", HashIndex(None), "model.path")
-
-
-# ------------------------------------------------------------------------------------- the file checks
-
-
-def _values(n: int) -> dict[str, torch.Tensor]:
-    return {"first": -torch.arange(n, dtype=torch.float32), "second": -2 * torch.arange(n, dtype=torch.float32),
-            "first_tokens": torch.arange(n) + 1, "second_tokens": torch.arange(n) + 2}
-
-
-def test_store_round_trip_and_every_rejected_file(tmp_path):
-    store = ReferenceStore(tmp_path)
-    path = store.save("f" * 40, _values(5), {"why": "test"})
-    loaded = store.load("f" * 40, 5)
-    assert all(torch.equal(loaded[k], v) for k, v in _values(5).items())
-    assert store.load("0" * 40, 5) is None  # no file: a miss
-    with pytest.raises(CacheFileError, match="count"):
-        store.load("f" * 40, 6)  # another data set with another example count
-
-    shutil.copy(path, store.path("e" * 40))  # a file from another fingerprint under this name
-    with pytest.raises(CacheFileError, match="fingerprint"):
-        store.load("e" * 40, 5)
-
-    data = path.read_bytes()
-    store.path("a" * 40).write_bytes(data.replace(b"f" * 40, b"a" * 40)[:-7])  # truncated
-    with pytest.raises(CacheFileError, match="truncated"):
-        store.load("a" * 40, 5)
-
-    flipped = bytearray(data.replace(b"f" * 40, b"b" * 40))
-    flipped[-3] ^= 0x01  # one bit of one value
-    store.path("b" * 40).write_bytes(bytes(flipped))
-    with pytest.raises(CacheFileError, match="checksum"):
-        store.load("b" * 40, 5)
-
-
 def test_corrupted_cache_file_is_reported_and_recomputed(tmp_path, assets):
     recipe = make_recipe(assets, tmp_path / "cache")
     _, data, collate = prepared(recipe)
@@ -287,68 +198,6 @@ def test_corrupted_cache_file_is_reported_and_recomputed(tmp_path, assets):
     assert any(m.startswith("reference cache: miss: computing 48 sequences") for m in messages)
     assert torch.equal(again.first, first.first)
     assert reference_store(recipe).load(path.stem, len(data.train)) is not None  # rewritten whole
-
-
-# ------------------------------------------------------------------------------- interrupted precompute
-
-
-def _rows(n: int) -> list[dict]:
-    # Lengths 1..n so that the longest-first order is fixed; values depend only on the row.
-    return [{"index": i, "prompt_ids": [1], "chosen_ids": [5] * (i + 1), "rejected_ids": [6] * (i + 1)}
-            for i in range(n)]
-
-
-def _fake_logp_fn(calls: list[int], fail_at: int | None = None, oom_above: int | None = None):
-    def logp_fn(batch):
-        b = batch["index"].shape[0]
-        if oom_above is not None and b > oom_above:
-            raise torch.OutOfMemoryError("fake: out of memory")
-        calls.append(b)
-        if fail_at is not None and len(calls) == fail_at:
-            raise RuntimeError("injected failure")
-        counts = (batch["labels"] != -100).sum(dim=1)
-        return -0.5 * counts.float() - 0.01 * batch["index"].repeat(2).float(), counts
-
-    return logp_fn
-
-
-@pytest.mark.parametrize("checkpoint_every_s", [0.0, 3600.0])
-def test_interrupted_precompute_leaves_no_acceptable_file_and_resumes(tmp_path, checkpoint_every_s):
-    rows, store, fingerprint = _rows(10), ReferenceStore(tmp_path), "c" * 40
-    collate = partial(collate_paired, pad_token_id=0)
-    calls: list[int] = []
-    with pytest.raises(RuntimeError, match="injected"):
-        compute_and_store(store, fingerprint, {}, rows, collate, _fake_logp_fn(calls, fail_at=3), 2, "cpu",
-                          "train", QUIET, checkpoint_every_s=checkpoint_every_s)
-    assert not store.path(fingerprint).exists()
-    for leftover in tmp_path.iterdir():  # whatever it left, no name or content passes as the finished entry
-        shutil.copy(leftover, store.path(fingerprint))
-        with pytest.raises(CacheFileError):
-            store.load(fingerprint, len(rows))
-    store.path(fingerprint).unlink()
-
-    # Two batches finished before the failure (hourly checkpoints: saved by the failure handler).
-    resumed_calls: list[int] = []
-    messages: list[str] = []
-    resumed = compute_and_store(store, fingerprint, {}, rows, collate, _fake_logp_fn(resumed_calls), 2, "cpu",
-                                "train", messages.append, checkpoint_every_s=checkpoint_every_s)
-    assert resumed_calls == [2, 2, 2] and "resuming after 8 saved" in messages[0]
-    clean = compute_reference_logps(rows, collate, _fake_logp_fn([]), 2, "cpu", log=QUIET)
-    assert all(torch.equal(resumed.tensors()[k], clean.tensors()[k]) for k in clean.tensors())
-    assert [p.name for p in tmp_path.iterdir()] == [store.path(fingerprint).name]  # progress file removed
-
-
-def test_out_of_memory_halves_the_batch_and_keeps_every_value(tmp_path):
-    rows, collate = _rows(9), partial(collate_paired, pad_token_id=0)
-    calls: list[int] = []
-    messages: list[str] = []
-    result = compute_reference_logps(rows, collate, _fake_logp_fn(calls, oom_above=2), 8, "cpu", log=messages.append)
-    assert calls == [2, 2, 2, 2, 1]
-    assert any("out of memory at 8" in m for m in messages) and any("out of memory at 4" in m for m in messages)
-    # The fake value is -0.5 per token - 0.01 * index; tokens = index + 1 on both sides.
-    index = torch.arange(9, dtype=torch.float32)
-    assert torch.allclose(result.first, -0.5 * (index + 1) - 0.01 * index)
-    assert torch.equal(result.second_tokens, torch.arange(9) + 1)
 
 
 # ------------------------------------------------------------------------------------ runs and the CLI
@@ -430,19 +279,6 @@ def test_verify_reference_passes_on_a_good_cache_and_stops_on_a_stale_one(tmp_pa
     assert "differ from the cached values" in error and str(store.path(fingerprint)) in error
 
 
-def test_verification_tolerance_grows_with_the_square_root_of_length():
-    cached = _values(2)
-    fresh = {k: v.clone() for k, v in cached.items()}
-    from dpo.reference.compute import ReferenceLogps
-
-    # first_tokens = [1, 2]: tolerance 1e-3 * sqrt(1) and 1e-3 * sqrt(2) = 1.414e-3.
-    fresh["first"] = fresh["first"] + torch.tensor([0.9e-3, 1.5e-3])
-    problems = reference_mismatches(ReferenceLogps(**cached), ReferenceLogps(**fresh), [0, 1], 1e-3)
-    assert len(problems) == 1 and problems[0].startswith("example 1 (first)")
-    fresh["second_tokens"] = fresh["second_tokens"] + 1
-    assert len(reference_mismatches(ReferenceLogps(**cached), ReferenceLogps(**fresh), [0, 1], 1e-3)) == 3
-
-
 # ------------------------------------------------------------------------------ a separate reference
 
 
@@ -506,16 +342,3 @@ def test_unusable_identity_is_a_clear_model_error(tmp_path, assets):
     _, data, _ = prepared(make_recipe(assets, tmp_path / "cache"))
     with pytest.raises(ModelError, match="reference.model_path: .* holds no config or weight files"):
         reference_keys(recipe, data)
-
-
-def test_values_with_a_wrong_dtype_in_the_file_are_rejected(tmp_path):
-    store = ReferenceStore(tmp_path)
-    path = store.save("d" * 40, _values(3), {})
-    with open(path, "rb") as handle:  # keep the metadata, store the counts as int32 instead
-        header_size = int.from_bytes(handle.read(8), "little")
-        metadata = json.loads(handle.read(header_size))["__metadata__"]
-    values = _values(3)
-    values["first_tokens"] = values["first_tokens"].int()
-    save_file(values, str(path), metadata=metadata)
-    with pytest.raises(CacheFileError):
-        store.load("d" * 40, 3)

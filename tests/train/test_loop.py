@@ -112,40 +112,6 @@ def test_metric_window_averages_over_all_values_not_batch_means():
     assert window.means() == {}
 
 
-def test_no_reference_pass_for_reference_free_losses(tmp_path, monkeypatch):
-    import dpo.train.loop as trainer
-    import dpo.train.setup as train_setup
-
-    calls = []
-    monkeypatch.setattr(train_setup, "compute_references", lambda *a, **k: calls.append(1))
-    recipe_path = tiny_recipe(tmp_path, loss={"name": "simpo", "beta": 2.0})
-    summary = trainer.train(load_recipe(recipe_path, ["train.max_steps=2"]), log=lambda _: None)
-    assert calls == [] and summary["steps"] == 2
-
-
-def test_reference_is_computed_before_the_first_step_and_never_inside_it(tmp_path, monkeypatch):
-    import dpo.train.loop as trainer
-    import dpo.train.setup as train_setup
-
-    events: list[str] = []
-    real_compute, real_batch_loss = train_setup.compute_references, train_setup.batch_loss
-
-    def compute(*args, **kwargs):
-        events.append("reference")
-        return real_compute(*args, **kwargs)
-
-    def batch_loss(policy, batch, spec, options, reference):
-        events.append("step" if policy.training else "eval")
-        assert reference is not None
-        return real_batch_loss(policy, batch, spec, options, reference)
-
-    monkeypatch.setattr(train_setup, "compute_references", compute)
-    monkeypatch.setattr(train_setup, "batch_loss", batch_loss)
-    trainer.train(load_recipe(tiny_recipe(tmp_path), ["train.max_steps=2"]), log=lambda _: None)
-    assert events[0] == "reference" and events.count("reference") == 1
-    assert events.count("step") == 2
-
-
 def test_every_step_and_evaluation_runs_the_step_modules_forward_and_checkpoints_keep_the_peft_names(
         tmp_path, monkeypatch):
     """An engine that wraps the step module sees every forward of the loop through its hooks; the optimizer

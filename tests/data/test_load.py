@@ -8,10 +8,10 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from data_helpers import FIXTURES
 
 from dpo.data import DataError
 from dpo.data.load import load_rows
+from tests.data_helpers import FIXTURES
 
 ROWS = [
     {"prompt": "Which city is the capital of France?", "chosen": " Paris.", "rejected": " Geneva."},

@@ -6,10 +6,10 @@ import json
 from collections import Counter
 
 import pytest
-from data_helpers import FIXTURES, build_word_tokenizer, data_config
 
 from dpo.data import DataError, kto_balance_warning, prepare_data
 from dpo.data.kto import kl_completions, mismatched_partners, pairs_to_unpaired, require_both_labels
+from tests.data_helpers import FIXTURES, build_word_tokenizer, data_config
 
 
 def test_pairs_to_unpaired_uses_every_completion_once_with_its_label():

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 
 from dpo.cli import main
 from dpo.train.parallel import merge_sums, shard
-from tests.test_trainer import read_jsonl, tiny_recipe
-from tests.test_trainer_faults import comparable_metrics
+from tests.train.test_loop import read_jsonl, tiny_recipe
+from tests.train.test_loop_faults import comparable_metrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------ shards

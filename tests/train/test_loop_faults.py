@@ -26,7 +26,7 @@ from dpo.cli import main
 from dpo.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from tests.helpers import build_tiny_model, write_pairs, write_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # 18 pairs in micro-batches of 4 make 5 per epoch (the last of 2 pairs); with grad_accum 2 an epoch has
 # 2 steps and step 3 takes the last micro-batch of epoch 0 and the first of epoch 1. 2 epochs: 4 steps.
 TRAIN = {"epochs": 2, "batch_size": 4, "grad_accum": 2, "lr": 0.003, "warmup_steps": 1, "log_every": 1,

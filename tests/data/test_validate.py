@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from data_helpers import FIXTURES, build_word_tokenizer, data_config, tokens
 
 from dpo.data import DataError, prepare_data
 from dpo.data.validate import (
@@ -17,6 +16,7 @@ from dpo.data.validate import (
     require_flag,
     require_messages,
 )
+from tests.data_helpers import FIXTURES, build_word_tokenizer, data_config, tokens
 
 # tests/fixtures/bad_rows.jsonl, one defect per line (line 6 only has an extra column, which is valid).
 EXPECTED = {

@@ -6,10 +6,10 @@ import json
 import shutil
 
 import pyarrow as pa
-from data_helpers import FIXTURES, build_word_tokenizer, data_config
 
 from dpo.data import prepare_data
 from dpo.data.cache import content_hash
+from tests.data_helpers import FIXTURES, build_word_tokenizer, data_config
 
 
 def run(path, cache, tokenizer=None, **fields):

@@ -2,15 +2,12 @@
 
 The base is prepared the way the trainer prepares it: frozen, unquantized weights left in the compute dtype,
 LM head unquantized, input gradients on, non-reentrant checkpointing. Training must move held-out preference
-accuracy, the saved adapter must reproduce its log-probs on a freshly quantized base, the optimizers must be
-the ones the recipe names, and the reference cache must not serve a 4-bit reference to another setting.
+accuracy, and the saved adapter must reproduce its log-probs on a freshly quantized base.
 """
 
 from __future__ import annotations
 
 import json
-import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,38 +22,11 @@ from dpo.model import (
     load_tokenizer,
     sequence_logprobs,
 )
-from dpo.recipe import LoraConfig, ModelConfig, RecipeError, TrainConfig, load_recipe
+from dpo.recipe import LoraConfig, ModelConfig, TrainConfig, load_recipe
 from dpo.train.loop import build_optimizer
-from tests.helpers import build_tiny_model, write_jsonl, write_recipe
+from tests.helpers import build_tiny_model, qlora_recipe
 
-bnb = pytest.importorskip("bitsandbytes")
-
-
-def yes_no_pairs(count: int, seed: int, numbers: range) -> list[dict[str, str]]:
-    """Pairs whose chosen answer is always " yes" and rejected " no": learnable in a few steps, and it
-    carries to prompts never seen in training."""
-    rng = random.Random(seed)
-    return [{"prompt": f"Is {n} a number? Answer:", "chosen": " yes", "rejected": " no"}
-            for n in rng.sample(list(numbers), count)]
-
-
-def qlora_recipe(tmp_path: Path, quantization: dict | None = None, **train) -> Path:
-    model = build_tiny_model(tmp_path / "model")
-    write_jsonl(tmp_path / "data" / "train.jsonl", yes_no_pairs(32, 0, range(100, 500)))
-    write_jsonl(tmp_path / "data" / "eval.jsonl", yes_no_pairs(16, 1, range(500, 999)))
-    tree = {
-        "model": {"path": str(model), "gradient_checkpointing": True,
-                  "quantization": quantization or {"bits": 4, "compute_dtype": "float32"}},
-        "data": {"train": str(tmp_path / "data" / "train.jsonl"), "eval": str(tmp_path / "data" / "eval.jsonl"),
-                 "max_length": 32, "max_prompt_length": 24},
-        "lora": {"r": 8, "alpha": 16},
-        "loss": {"name": "dpo", "beta": 0.5},
-        "train": {"max_steps": 6, "batch_size": 8, "lr": 0.02, "warmup_steps": 0, "log_every": 3, "seed": 0,
-                  "optimizer": "adamw_8bit", **train},
-        "reference": {"batch_size": 16, "cache_dir": str(tmp_path / "cache")},
-        "output": {"dir": str(tmp_path / "out")},
-    }
-    return write_recipe(tmp_path / "recipe.yaml", tree)
+pytest.importorskip("bitsandbytes")
 
 
 def mean_eval_logps(model, recipe, settings=LogprobSettings()) -> tuple[float, float]:
@@ -186,85 +156,3 @@ def test_a_quantized_head_is_refused(tmp_path, monkeypatch):
                         lambda _: BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=[]))
     with pytest.raises(ModelError, match="LM head was quantized"):
         load_base_model(config, device="cpu")
-
-
-def test_recipe_quantization_dtype_rules(tmp_path):
-    assert ModelConfig(path="m", quantization={"compute_dtype": "float32"}).dtype == "float32"
-    assert ModelConfig(path="m", dtype="bfloat16", quantization={}).dtype == "bfloat16"
-    with pytest.raises(ValueError, match="compute_dtype"):
-        ModelConfig(path="m", dtype="float32", quantization={"compute_dtype": "bfloat16"})
-    recipe_path = write_recipe(tmp_path / "r.yaml", {
-        "model": {"path": "m", "quantization": {"bits": 4, "compute_dtype": "float16"}},
-        "data": {"train": "t.jsonl"}, "output": {"dir": "o"}})
-    with pytest.raises(RecipeError, match="loss_scaler"):  # float16 compute needs loss scaling like float16 weights
-        load_recipe(recipe_path)
-    with pytest.raises(RecipeError, match="quantization.bits"):
-        load_recipe(recipe_path, ["model.quantization.bits=3"])
-
-
-# ------------------------------------------------------------------------------------------ optimizers
-
-
-@pytest.mark.parametrize(("name", "cls"), [("adamw", torch.optim.AdamW), ("adamw_8bit", "AdamW8bit"),
-                                           ("paged_adamw_8bit", "PagedAdamW8bit")])
-def test_build_optimizer_gives_the_named_optimizer_and_it_descends(name, cls):
-    cls = getattr(bnb.optim, cls) if isinstance(cls, str) else cls
-    torch.manual_seed(0)
-    weight = torch.nn.Parameter(torch.randn(64, 64))  # 4096 values: the 8-bit optimizers quantize its state
-    optimizer = build_optimizer([weight], TrainConfig(optimizer=name, lr=0.01, weight_decay=0.1))
-    assert type(optimizer) is cls
-    assert optimizer.param_groups[0]["lr"] == 0.01 and optimizer.param_groups[0]["weight_decay"] == 0.1
-    losses = []
-    for _ in range(5):
-        loss = weight.square().sum()
-        losses.append(loss.item())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert all(b < a for a, b in zip(losses, losses[1:]))
-    if name != "adamw":
-        assert optimizer.state[weight]["state1"].dtype == torch.uint8  # 8-bit moments
-
-
-def test_8bit_adamw_tracks_torch_adamw():
-    """Same first steps as torch's AdamW up to 8-bit rounding of the moments."""
-    torch.manual_seed(0)
-    start = torch.randn(64, 64)
-    results = {}
-    for name in ("adamw", "adamw_8bit"):
-        weight = torch.nn.Parameter(start.clone())
-        optimizer = build_optimizer([weight], TrainConfig(optimizer=name, lr=0.001))
-        for step in range(3):
-            (weight * torch.linspace(-1, 1, 4096).reshape(64, 64) * (step + 1)).sum().backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        results[name] = weight.detach()
-    moved = (results["adamw"] - start).abs().mean()
-    assert (results["adamw_8bit"] - results["adamw"]).abs().mean() < 0.05 * moved
-
-
-# --------------------------------------------------------------------------------------- reference cache
-
-
-def test_reference_cache_misses_when_the_quantization_changes(tmp_path):
-    from dpo.reference.setup import precompute_references
-
-    recipe_path = qlora_recipe(tmp_path)
-    messages: list[str] = []
-    nf4 = precompute_references(load_recipe(recipe_path), log=messages.append)
-    assert nf4 and all(path.is_file() for path in nf4.values())
-    assert any("wrote" in m for m in messages)
-
-    messages.clear()
-    assert precompute_references(load_recipe(recipe_path), log=messages.append) == nf4  # same settings: a hit
-    assert any("hit" in m for m in messages) and not any("wrote" in m for m in messages)
-
-    seen = {split: {path} for split, path in nf4.items()}
-    for override in (["model.quantization.quant_type=fp4"], ["model.quantization.double_quant=false"],
-                     ["model.quantization.bits=8"], ["model.quantization=null", "model.dtype=float32"]):
-        messages.clear()
-        paths = precompute_references(load_recipe(recipe_path, override), log=messages.append)
-        assert any("miss" in m for m in messages) and any("wrote" in m for m in messages), override
-        for split, path in paths.items():
-            assert path not in seen[split], override
-            seen[split].add(path)
