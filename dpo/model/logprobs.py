@@ -21,7 +21,10 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class LogprobSettings:
-    """How per-token log-probs are computed (part of the reference cache's key)."""
+    """How per-token log-probs are computed: which kernel, and how many tokens a chunk.
+
+    Not part of the reference cache's key: every implementation computes the same function.
+    """
 
     impl: str = "auto"
     chunk_size: int | None = None
