@@ -16,6 +16,7 @@ from dpo.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    preflight,
 )
 from dpo.train.loop import build_optimizer, train
 from dpo.train.metric_log import MetricLog
@@ -32,6 +33,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "preflight",
     "preference_setup",
     "reward_setup",
     "train",

@@ -194,19 +194,25 @@ def test_resume_with_changed_data_is_refused_but_moved_data_is_not(tmp_path, ass
     assert "reference.train: reference log-probs" in err  # they were computed from the old data
 
 
-def test_a_damaged_checkpoint_is_named_and_an_earlier_one_resumes_exactly(tmp_path, assets, uninterrupted, capsys):
+def test_a_damaged_checkpoint_is_named_and_skipped_and_an_earlier_one_resumes_exactly(tmp_path, assets, uninterrupted,
+                                                                                      capsys):
     recipe = make_recipe(tmp_path, assets)
     main([str(recipe)])
     damaged = tmp_path / "out" / "checkpoints" / "step-000004" / "optimizer.safetensors"
     data = bytearray(damaged.read_bytes())
     data[-1] ^= 0xFF
     damaged.write_bytes(bytes(data))
-    code, err = run_cli_error([str(recipe), "--resume"], capsys)
+    code, err = run_cli_error([str(recipe), "--resume", str(damaged.parent)], capsys)  # named: refused
     assert code == 2 and f"{damaged}: content does not match the manifest's SHA-256" in err
     code, err = run_cli_error([str(recipe), "--resume", str(tmp_path / "nowhere")], capsys)
     assert code == 2 and "no such checkpoint folder" in err
-    main([str(recipe), "--resume", str(tmp_path / "out" / "checkpoints" / "step-000001")])
+    main([str(recipe), "--resume"])  # the newest valid one, saying which it skipped
+    out = capsys.readouterr().out
+    assert f"warning: --resume: skipped a damaged checkpoint: {damaged}: content does not match" in out
+    assert f"resumed from {tmp_path / 'out' / 'checkpoints' / 'step-000003'}" in out
     assert_same_run(tmp_path / "out", uninterrupted)  # the damaged step-4 checkpoint was written anew
+    main([str(recipe), "--resume", str(tmp_path / "out" / "checkpoints" / "step-000001")])
+    assert_same_run(tmp_path / "out", uninterrupted)
 
 
 def test_output_directory_rules_from_the_command_line(tmp_path, assets, capsys):
