@@ -19,8 +19,10 @@ import datasets
 import numpy as np
 
 from dpo.data.cache import (
+    DamagedEntry,
     content_hash,
     default_cache_dir,
+    entry_lock,
     key_of,
     load_entry,
     rows_hash,
@@ -271,23 +273,53 @@ def _tokenized_split(
     log: Callable[[str], None],
 ) -> tuple[datasets.Dataset, dict[str, Any], dict[str, np.ndarray]]:
     key = key_of({**settings, "rows": rows_hash(rows)})
-    # An empty split is built at once and never cached: datasets cannot load an empty saved dataset back.
-    cached = load_entry(cache_dir, key) if rows else None
-    if cached is not None:
-        dataset, meta, arrays = cached
-        dataset._fingerprint = meta["fingerprint"]
-        log(f"{name}: {meta['count']} tokenized {_unit(canonical)} reused from the cache ({cache_dir / key})")
-        return dataset, meta, arrays
-
     paired = canonical.layout != "unpaired"
     sides = ("chosen", "rejected") if paired else ("completion",)
-    dataset, meta, arrays = _tokenize(
-        rows, canonical, tokenizer, data_cfg, sides, template, template_label, unpaired=settings["unpaired"],
-        seed=settings["seed"], log=log, name=name, key=key,
-    )
-    if rows:
+
+    def tokenize():
+        return _tokenize(rows, canonical, tokenizer, data_cfg, sides, template, template_label,
+                         unpaired=settings["unpaired"], seed=settings["seed"], log=log, name=name, key=key)
+
+    # An empty split is built at once and never cached: datasets cannot load an empty saved dataset back.
+    if not rows:
+        return tokenize()
+    said: set[str] = set()  # a damaged entry is reported once
+
+    def say_once(message: str) -> None:
+        if message not in said:
+            said.add(message)
+            log(message)
+
+    cached = _cached_split(cache_dir, key, name, canonical, say_once)
+    if cached is not None:
+        return cached
+    lock = entry_lock(cache_dir, key, log)
+    try:
+        cached = _cached_split(cache_dir, key, name, canonical, say_once)  # written meanwhile by another process
+        if cached is not None:
+            return cached
+        dataset, meta, arrays = tokenize()
         with _quiet_datasets():
             save_entry(cache_dir, key, dataset, meta, arrays)
+        return dataset, meta, arrays
+    finally:
+        lock.release()
+
+
+def _cached_split(cache_dir: Path, key: str, name: str, canonical: Canonical, log: Callable[[str], None]
+                  ) -> tuple[datasets.Dataset, dict[str, Any], dict[str, np.ndarray]] | None:
+    """A verified cache entry, or None (a miss, or a damaged entry: said, and tokenized again)."""
+    try:
+        cached = load_entry(cache_dir, key)
+    except DamagedEntry as exc:
+        log(f"{name}: the tokenized-data cache entry {cache_dir / key} does not match its checksums ({exc}); "
+            "tokenizing again")
+        return None
+    if cached is None:
+        return None
+    dataset, meta, arrays = cached
+    dataset._fingerprint = meta["fingerprint"]
+    log(f"{name}: {meta['count']} tokenized {_unit(canonical)} reused from the cache ({cache_dir / key})")
     return dataset, meta, arrays
 
 
