@@ -8,6 +8,7 @@ off eval rows, tokenize through ``datasets.map`` (:mod:`dpo.data.tokenize`) or r
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -68,6 +69,7 @@ class Canonical:
     chat: bool
     rows: list[dict[str, Any]]
     bad: list[BadRow]
+    duplicates: int = 0
 
 
 @dataclass
@@ -172,6 +174,8 @@ def prepare_data(
         truncation=data_cfg.truncation,
         bad_rows=dict(bad_reasons),
         unpaired_rows=(len(train_ds), len(eval_ds)) if converted else None,
+        duplicates=train.duplicates + (evaluation.duplicates if evaluation else 0),
+        eval_in_train=_overlap(eval_rows, train_rows) if evaluation else 0,
     )
     return PreparedData(
         train=train_ds,
@@ -227,7 +231,22 @@ def read_canonical(
     handle_bad_rows(bad, data_cfg.on_bad_row, log)
     if not rows:
         raise DataError(f"{key}: {raw.source} has no usable rows")
-    return Canonical(raw.source, raw.unit, layout, chat, rows, bad)
+    duplicates = len(rows) - len({_identity(row) for row in rows})
+    if duplicates:
+        unit = "rows" if layout == "unpaired" else "pairs"
+        log(f"{raw.source}: {duplicates} {unit} repeat an earlier one exactly; they are kept (and so weigh more)")
+    return Canonical(raw.source, raw.unit, layout, chat, rows, bad, duplicates)
+
+
+def _overlap(rows: list[dict[str, Any]], others: list[dict[str, Any]]) -> int:
+    """How many of ``rows`` are also in ``others``."""
+    seen = {_identity(row) for row in others}
+    return sum(_identity(row) in seen for row in rows)
+
+
+def _identity(row: dict[str, Any]) -> str:
+    """What makes two canonical rows the same example (everything but the row number)."""
+    return json.dumps({k: v for k, v in row.items() if k != "number"}, sort_keys=True, ensure_ascii=False)
 
 
 def _sample_row(rows: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
