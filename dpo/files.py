@@ -13,6 +13,7 @@ file, so whoever is refused can say who holds it.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -107,6 +108,20 @@ def writing(path: Path | str, what: str, needed: int | None = None) -> Iterator[
 
 
 # ---------------------------------------------------------------------------------- durable writes
+
+
+def sha256_of_file(path: Path, block_size: int = 1 << 22) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB blocks (the hash releases the GIL on each block)."""
+    digest = hashlib.sha256()
+    buffer = bytearray(block_size)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while True:
+            read = handle.readinto(buffer)
+            if not read:
+                break
+            digest.update(view[:read])
+    return digest.hexdigest()
 
 
 def sync_file(path: Path) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dpo.files import FileLock, describe_holder, writing
+from dpo.files import FileLock, describe_holder, sha256_of_file, writing
 
 # 2: entries carry checksums.json.
 FORMAT_VERSION = 2
@@ -89,17 +89,9 @@ def content_hash(table: pa.Table) -> str:
     return digest.hexdigest()[:32]
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _checksums(folder: Path) -> dict[str, dict[str, Any]]:
     """``{relative path: {"size", "sha256"}}`` of every file under ``folder`` but the checksum file."""
-    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _file_sha256(p)}
+    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256_of_file(p)}
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != CHECKSUMS}
 
 
@@ -124,7 +116,7 @@ def verify_entry(entry: Path) -> None:
         size = found[name].stat().st_size
         if size != expected[name].get("size"):
             raise DamagedEntry(f"{name} is {size} bytes, {CHECKSUMS} says {expected[name].get('size')}")
-        if _file_sha256(found[name]) != expected[name].get("sha256"):
+        if sha256_of_file(found[name]) != expected[name].get("sha256"):
             raise DamagedEntry(f"{name} does not match its SHA-256 in {CHECKSUMS}")
 
 

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dpo.files import TEMP_PREFIX, write_text_atomic, writing
+from dpo.files import TEMP_PREFIX, sha256_of_file, write_text_atomic, writing
 from dpo.files import sync_dir as _sync_dir
 from dpo.files import sync_file as _sync_file
 from dpo.train.metric_log import require_tensorboard
@@ -164,14 +164,6 @@ def _write_new_file(path: Path, data: bytes) -> None:
         exc.filename = exc.filename or str(path)  # a failed write() names no file; the message should
         raise
     _sync_file(path)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tensor_fingerprint(*tensors: Tensor) -> str:
@@ -632,7 +624,7 @@ def save_checkpoint(directory: RunDirectory, loop: LoopState, *, model, optimize
                 _write_new_file(temp / name, data)
             _sync_dir(temp)
 
-            files = {p.relative_to(temp).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+            files = {p.relative_to(temp).as_posix(): {"size": p.stat().st_size, "sha256": sha256_of_file(p)}
                      for p in sorted(temp.rglob("*")) if p.is_file()}
             complete = list_checkpoints(out_dir)
             if os.path.lexists(target):
@@ -723,7 +715,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         if file.stat().st_size != expected["size"]:
             raise CheckpointError(f"{file}: {file.stat().st_size} bytes, the manifest says {expected['size']} "
                                   "(truncated or replaced); resume from an earlier checkpoint")
-        if _sha256(file) != expected["sha256"]:
+        if sha256_of_file(file) != expected["sha256"]:
             raise CheckpointError(f"{file}: content does not match the manifest's SHA-256 (corrupted or "
                                   "altered); resume from an earlier checkpoint")
     for required in ("state.json", "run.json", "rng.json", "optimizer.json", "optimizer.safetensors",

@@ -24,17 +24,13 @@ import dpo.train.checkpoint as ckpt
 import dpo.train.setup as train_setup
 from dpo.cli import main
 from dpo.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from tests.helpers import build_tiny_model, write_pairs, write_recipe
+from tests.helpers import Crash, build_tiny_model, crash_at_micro_batch, write_pairs, write_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 # 18 pairs in micro-batches of 4 make 5 per epoch (the last of 2 pairs); with grad_accum 2 an epoch has
 # 2 steps and step 3 takes the last micro-batch of epoch 0 and the first of epoch 1. 2 epochs: 4 steps.
 TRAIN = {"epochs": 2, "batch_size": 4, "grad_accum": 2, "lr": 0.003, "warmup_steps": 1, "log_every": 1,
          "seed": 3, "save_every": 1, "keep_last": 10}
-
-
-class Crash(Exception):
-    """Stands for the process dying (power cut, OOM kill) at the point it is raised."""
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -102,21 +98,6 @@ def uninterrupted(tmp_path_factory, assets) -> dict:
     main([str(make_recipe(directory, assets))])
     out = directory / "out"
     return {"metrics": comparable_metrics(out), "state": final_state(out)}
-
-
-def crash_at_micro_batch(monkeypatch, number: int) -> None:
-    """Make the ``number``-th training micro-batch (counted from 1) crash the run."""
-    real = train_setup.batch_loss
-    seen = []
-
-    def batch_loss(policy, *args):
-        if policy.training:
-            seen.append(1)
-            if len(seen) == number:
-                raise Crash(f"killed at micro-batch {number}")
-        return real(policy, *args)
-
-    monkeypatch.setattr(train_setup, "batch_loss", batch_loss)
 
 
 def crash_while_writing(monkeypatch, step: int, write: int) -> None:
