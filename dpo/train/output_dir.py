@@ -293,7 +293,7 @@ class RunDirectory:
 
     def remove_all(self) -> tuple[int, list[str]]:
         """Delete every recorded path (``--overwrite``); returns how many files went and what was left."""
-        count = sum(1 for p in self.files if self._lstat(p) is not None)
+        count = sum(1 for p in self.files if (status := self._lstat(p)) is not None and stat.S_ISREG(status.st_mode))
         kept: list[str] = []
         for top in sorted({PurePosixPath(p).parts[0] for p in self.files | self.dirs | self.scratch}):
             kept += self.remove(top)
