@@ -7,7 +7,12 @@ A first argument that is not a command name is a recipe, so ``dpo-train recipe.y
 
 from __future__ import annotations
 
+import io
+import os
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -41,13 +46,26 @@ def _fail(message: str) -> None:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    """Exceptions that mean bad input (shown as one clear message, no traceback)."""
+    """Exceptions that mean bad input or a refused write (shown as one clear message, no traceback)."""
     from dpo.data import DataError
+    from dpo.files import WriteFailed
     from dpo.model import ModelError
     from dpo.reference import ReferenceMismatchError
     from dpo.train import CheckpointError
 
-    return RecipeError, ModelError, DataError, CheckpointError, ReferenceMismatchError
+    return RecipeError, ModelError, DataError, CheckpointError, ReferenceMismatchError, WriteFailed
+
+
+@contextmanager
+def _stopped_by_user() -> Iterator[None]:
+    """Ctrl-C outside the training loop (which checkpoints and exits by itself) ends with status 130 and one
+    line, not a traceback: nothing is half-written, every cache and checkpoint is complete or absent."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        typer.echo("\nerror: stopped by SIGINT; every file written so far is complete (an unfinished cache or "
+                   "checkpoint is never used)", err=True)
+        raise typer.Exit(code=128 + signal.SIGINT) from None
 
 
 def _load(recipe: Path, overrides: list[str] | None) -> Recipe:
@@ -100,19 +118,20 @@ def train_command(
     """
     loaded = _load(recipe, _with_verify(set_, verify_reference))
     try:
-        if dry_run:
-            dry_run_report(loaded)
-            return
-        if precompute_only:
-            _precompute(loaded)
-            return
-        from dpo.train import TrainingStopped, train
+        with _stopped_by_user():
+            if dry_run:
+                dry_run_report(loaded, recipe_file=recipe, resume=resume, overwrite=overwrite, force=force)
+                return
+            if precompute_only:
+                _precompute(loaded)
+                return
+            from dpo.train import TrainingStopped, train
 
-        try:
-            train(loaded, log=typer.echo, resume=resume, force=force, overwrite=overwrite)
-        except TrainingStopped as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(code=exc.exit_code) from None
+            try:
+                train(loaded, log=typer.echo, resume=resume, force=force, overwrite=overwrite, recipe_file=recipe)
+            except TrainingStopped as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(code=exc.exit_code) from None
     except _user_errors() as exc:
         _fail(str(exc))
 
@@ -127,19 +146,25 @@ def cache_command(recipe: RecipeArg, set_: SetOpt = None, verify_reference: Veri
     """
     loaded = _load(recipe, _with_verify(set_, verify_reference))
     try:
-        _precompute(loaded)
+        with _stopped_by_user():
+            _precompute(loaded)
     except _user_errors() as exc:
         _fail(str(exc))
 
 
-def dry_run_report(recipe: Recipe) -> None:
-    """Print the resolved recipe and what the data looks like once tokenized."""
+def dry_run_report(recipe: Recipe, recipe_file: Path | None = None, resume: str | None = None,
+                   overwrite: bool = False, force: bool = False) -> None:
+    """Print the resolved recipe and what the data looks like once tokenized, after the checks a real run
+    makes before training (output directory and its lock, the checkpoint to resume from, TensorBoard)."""
     from dpo.data import prepare_data
     from dpo.losses import get_loss
     from dpo.model import load_tokenizer
+    from dpo.train import preflight
 
     typer.echo("# resolved recipe")
     typer.echo(recipe.to_yaml())
+    typer.echo("# output")
+    typer.echo(preflight(recipe, resume=resume, overwrite=overwrite, force=force, recipe_file=recipe_file))
     spec = get_loss(recipe.loss.name)
     tokenizer = load_tokenizer(recipe.model)
     margin_column = recipe.reward.margin_column if recipe.task == "reward" else None
@@ -238,6 +263,80 @@ def resume_latest_when_bare(args: list[str]) -> list[str]:
     return out
 
 
+class ForgivingStream(io.TextIOBase):
+    """stdout or stderr for the length of a command: text that cannot be written is dropped, not raised.
+
+    With ``dpo-train RECIPE 2>&1 | tee log``, Ctrl-C stops ``tee`` too; every later write would raise
+    ``BrokenPipeError`` and end a stopping run before its checkpoint. Here the first failed write points
+    the descriptor at ``/dev/null`` (so nothing buffered fails later either) and the run goes on silently.
+    """
+
+    def __init__(self, stream) -> None:
+        super().__init__()
+        self.stream = stream
+        self.gone = False
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.stream, "encoding", None) or "utf-8"
+
+    @property
+    def errors(self) -> str:
+        return getattr(self.stream, "errors", None) or "strict"
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        try:
+            return not self.gone and self.stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):  # a closed pipe, or a stream closed under us
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError):
+                self._drop()
+
+    def _drop(self) -> None:
+        self.gone = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self.stream.fileno())
+            finally:
+                os.close(devnull)
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass  # no descriptor behind it (captured output): dropping is enough
+
+
+@contextmanager
+def forgiving_streams() -> Iterator[None]:
+    """Replace ``sys.stdout`` and ``sys.stderr`` with :class:`ForgivingStream` inside the block."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = ForgivingStream(sys.stdout), ForgivingStream(sys.stderr)
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        sys.stdout, sys.stderr = saved
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``dpo-train`` script."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -246,7 +345,13 @@ def main(argv: list[str] | None = None) -> None:
         args = ["train", *args]
     args = resume_latest_when_bare(args)
     try:
-        app(args=args, prog_name="dpo-train")
+        with forgiving_streams():
+            try:
+                app(args=args, prog_name="dpo-train")
+            except OSError as exc:  # a read or write the stages did not expect to fail: one line, no traceback
+                what = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+                typer.echo(f"error: {what}", err=True)
+                raise SystemExit(2) from None
     except SystemExit as exc:
         # click ends every run with SystemExit; only a failure should leave the function that way.
         if exc.code not in (0, None):

@@ -5,16 +5,36 @@ type or an out-of-range value is a :class:`RecipeError` that names the key path 
 says what is allowed. Nothing downstream re-reads the YAML.
 
 Sections: ``model``, ``data``, ``lora``, ``loss``, ``train``, ``reference``, ``output`` (and ``task``).
-Paths are resolved against the current working directory, as a shell would.
+Paths are resolved against the current working directory, as a shell would, after ``~`` is expanded (in
+every path key, so the resolved recipe shows the real folder).
+
+A recipe file is read with YAML's safe loader and bounded: a file over :data:`MAX_RECIPE_BYTES`, or one
+whose aliases expand to more than :data:`MAX_RECIPE_VALUES` values, is refused before anything is built
+from it, and error messages quote at most a short excerpt of an offending value.
 """
 
 from __future__ import annotations
 
+import os
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+# A recipe is a few hundred values; these bounds only stop files that are not recipes (a 50 MB dump, an
+# alias "billion laughs") before they cost minutes and gigabytes.
+MAX_RECIPE_BYTES = 1_000_000
+MAX_RECIPE_VALUES = 10_000
 
 
 class RecipeError(ValueError):
@@ -23,6 +43,15 @@ class RecipeError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def expand_user(value: str) -> str:
+    """``~`` and ``~/...`` (and ``~user/...``) as the home folder, as a shell expands them; else unchanged."""
+    return os.path.expanduser(value) if value.startswith("~") else value
+
+
+# A path (or hub id) in a recipe: ``~`` is expanded once, here, so every stage and the resolved recipe see it.
+PathText = Annotated[str, AfterValidator(expand_user)]
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -54,7 +83,7 @@ class ModelConfig(_Section):
     checks its peak estimate against, instead of the detected device's.
     """
 
-    path: str
+    path: PathText
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
@@ -89,8 +118,8 @@ DATA_COLUMNS = ("prompt", "chosen", "rejected", "completion", "label", "response
 class DataConfig(_Section):
     """Where the preference data is and how it is turned into token ids."""
 
-    train: str
-    eval: str | None = None
+    train: PathText
+    eval: PathText | None = None
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     split: str = "train"
     layout: Literal["auto", "explicit", "conversational", "hh_rlhf", "message_lists", "unpaired"] = "auto"
@@ -101,8 +130,16 @@ class DataConfig(_Section):
     truncation: Literal["keep_end", "keep_start"] = "keep_end"
     on_bad_row: Literal["error", "skip"] = "error"
     num_proc: int = Field(1, ge=1)
-    cache_dir: str | None = None
+    cache_dir: PathText | None = None
     max_rows: int | None = Field(None, ge=1)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_file(cls, value: str | None) -> str | None:
+        # A template file's path gets ~ expanded; an inline Jinja template is left as written.
+        if value is None or "{{" in value or "{%" in value:
+            return value
+        return expand_user(value)
 
     @field_validator("columns")
     @classmethod
@@ -265,10 +302,10 @@ class ReferenceConfig(_Section):
     random cached examples at start-up and stops the run if any differs beyond tolerance.
     """
 
-    model_path: str | None = None
-    adapter: str | None = None
+    model_path: PathText | None = None
+    adapter: PathText | None = None
     batch_size: int = Field(16, ge=1)
-    cache_dir: str | None = None
+    cache_dir: PathText | None = None
     verify: int = Field(0, ge=0)
 
 
@@ -296,7 +333,7 @@ class OutputConfig(_Section):
     ``tensorboard`` package: ``pip install 'dpo-train[tensorboard]'``).
     """
 
-    dir: str
+    dir: PathText
     tensorboard: bool = False
 
 
@@ -386,9 +423,19 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
         elif item["type"] == "missing":
             message = "required key is missing"
         elif "input" in item and not isinstance(item["input"], dict):
-            message += f" (got {item['input']!r})"
+            message += f" (got {excerpt(item['input'])})"
         lines.append(f"  {key}: {message}")
     return "\n".join(lines)
+
+
+_EXCERPT = reprlib.Repr()
+_EXCERPT.maxlevel, _EXCERPT.maxlist, _EXCERPT.maxdict, _EXCERPT.maxstring, _EXCERPT.maxother = 2, 4, 4, 40, 40
+
+
+def excerpt(value: Any, limit: int = 60) -> str:
+    """A short ``repr`` of ``value`` for an error message, however large the value (bounded work too)."""
+    text = _EXCERPT.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _allowed_keys(section_path: list[str]) -> list[str]:
@@ -425,12 +472,65 @@ def parse_override(text: str) -> tuple[str, Any]:
     """Parse one ``key.path=value`` override; the value is read as YAML (``0.1``, ``true``, ``[a, b]``)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise RecipeError(f"--set {text!r}: expected key.path=value, e.g. --set loss.beta=0.2")
+        raise RecipeError(f"--set {excerpt(text)}: expected key.path=value, e.g. --set loss.beta=0.2")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_yaml(raw, f"--set {key.strip()}") if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise RecipeError(f"--set {text!r}: value is not valid YAML: {exc}") from None
+        raise RecipeError(f"--set {excerpt(text)}: value is not valid YAML: {exc}") from None
     return key.strip(), value
+
+
+def _expanded_size(root: yaml.Node, limit: int) -> int | None:
+    """How many values ``root`` holds once every alias is expanded, or None past ``limit`` (or for a
+    cycle). Aliases point at the same node object, so sizes are memoized per node: no expansion happens."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    open_nodes: set[int] = set()
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if key in sizes:
+            continue
+        if isinstance(node, yaml.ScalarNode):
+            sizes[key] = 1
+            continue
+        children = (node.value if isinstance(node, yaml.SequenceNode)
+                    else [item for pair in node.value for item in pair])
+        if children_done:
+            open_nodes.discard(key)
+            sizes[key] = 1 + sum(sizes[id(child)] for child in children)
+            if sizes[key] > limit:
+                return None
+            continue
+        if key in open_nodes:
+            return None  # a node that contains itself
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack += [(child, False) for child in children if id(child) not in sizes]
+    return sizes[id(root)]
+
+
+def safe_yaml(text: str, source: str) -> Any:
+    """Parse YAML with the safe loader, refusing a document whose aliases expand past
+    :data:`MAX_RECIPE_VALUES` values (before anything is built from it).
+
+    Raises:
+        RecipeError: too many values, or nesting too deep to parse.
+        yaml.YAMLError: not valid YAML.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, MAX_RECIPE_VALUES) is None:
+            raise RecipeError(f"{source}: its YAML aliases expand to more than {MAX_RECIPE_VALUES:,} values (or "
+                              "refer to themselves); a recipe needs a few hundred, so this is not read")
+        return loader.construct_document(node)
+    except RecursionError:
+        raise RecipeError(f"{source}: its YAML is nested too deeply to be a recipe") from None
+    finally:
+        loader.dispose()
 
 
 def recipe_from_dict(tree: dict[str, Any], source: str = "recipe") -> Recipe:
@@ -443,19 +543,35 @@ def recipe_from_dict(tree: dict[str, Any], source: str = "recipe") -> Recipe:
         raise RecipeError(_format_validation_error(exc, source)) from None
 
 
-def load_recipe_tree(path: str | Path) -> dict[str, Any]:
-    """Read a recipe file with YAML's safe loader (Python tags are refused)."""
-    path = Path(path)
+def read_yaml_file(path: Path, what: str = "recipe") -> Any:
+    """Read a small YAML file (a recipe, a compare file) with the bounded safe loader (Python tags are
+    refused); a file over :data:`MAX_RECIPE_BYTES` is refused before it is parsed.
+
+    Raises:
+        RecipeError: missing, unreadable, too big, not UTF-8, not YAML, or an alias bomb.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_RECIPE_BYTES + 1)  # not stat: a pipe or /dev/zero has no size
     except FileNotFoundError:
-        raise RecipeError(f"{path}: recipe file not found") from None
+        raise RecipeError(f"{path}: {what} file not found") from None
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read the {what} file ({exc.strerror or exc})") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: over 1 MB, which no {what} is (a recipe is a few kilobytes); not read")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RecipeError(f"{path}: not UTF-8 text ({exc})") from None
     try:
-        tree = yaml.safe_load(text)
+        return safe_yaml(text, str(path))
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML (only plain YAML is accepted, no Python tags):\n{exc}") from None
+
+
+def load_recipe_tree(path: str | Path) -> dict[str, Any]:
+    """Read a recipe file (see :func:`read_yaml_file`)."""
+    tree = read_yaml_file(Path(path))
     return tree if tree is not None else {}
 
 

@@ -13,8 +13,8 @@ import torch
 
 from dpo.quickstart import build_tokenizer, make_pairs
 
-__all__ = ["build_tokenizer", "build_tiny_model", "qlora_recipe", "reference_values", "write_jsonl", "write_pairs",
-           "write_recipe", "yes_no_pairs"]
+__all__ = ["Crash", "build_tokenizer", "build_tiny_model", "crash_at_micro_batch", "qlora_recipe", "reference_values",
+           "write_jsonl", "write_pairs", "write_recipe", "yes_no_pairs"]
 
 
 def build_tiny_model(directory: str | Path, arch: str = "llama", *, vocab_size: int | None = None,
@@ -115,3 +115,24 @@ def qlora_recipe(tmp_path: Path, quantization: dict | None = None, **train) -> P
         "output": {"dir": str(tmp_path / "out")},
     }
     return write_recipe(tmp_path / "recipe.yaml", tree)
+
+
+class Crash(Exception):
+    """Stands for the process dying (power cut, OOM kill) at the point it is raised."""
+
+
+def crash_at_micro_batch(monkeypatch, number: int) -> None:
+    """Make the ``number``-th training micro-batch (counted from 1) crash the run."""
+    import dpo.train.setup as train_setup
+
+    real = train_setup.batch_loss
+    seen = []
+
+    def batch_loss(policy, *args):
+        if policy.training:
+            seen.append(1)
+            if len(seen) == number:
+                raise Crash(f"killed at micro-batch {number}")
+        return real(policy, *args)
+
+    monkeypatch.setattr(train_setup, "batch_loss", batch_loss)

@@ -59,3 +59,9 @@ def test_reference_bench_reports_a_miss_and_a_faster_hit():
     report = json.loads(out[out.index("{"):])
     first_step = report["start_to_first_step_s"]
     assert first_step["miss"] > 0 and first_step["hit"] > 0
+
+
+def test_long_line_bench_prepares_a_long_line_and_counts_it_truncated():
+    out = run_bench("long_line.py", "--mb", "0.2")
+    report = json.loads(out[out.index("{"):])
+    assert report["truncated_pairs"] == 1 and report["peak_rss_mib"] > 0 and report["seconds"] > 0

@@ -62,3 +62,20 @@ def test_missing_data_file_is_a_clear_error(tmp_path):
     result = run_cli(str(recipe), "--dry-run")
     assert result.returncode == 2
     assert "absent.jsonl" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_output_without_a_reader_is_dropped_not_raised(tmp_path):
+    import os
+
+    from dpo.cli import ForgivingStream
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone, as `| tee` is after Ctrl-C
+    stream = open(write, "w", buffering=1)
+    forgiving = ForgivingStream(stream)
+    assert forgiving.write("a line\n") == 7 and forgiving.gone
+    forgiving.write("more\n")
+    forgiving.flush()
+    stream.write("buffered text\n")
+    stream.flush()  # the descriptor now points at /dev/null: nothing fails later, at exit either
+    stream.close()

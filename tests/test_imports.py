@@ -14,8 +14,9 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "dpo"
 
 # The stages in the code's import order, upstream first: a module may import its own stage and the stages
-# before it. dpo.quickstart, first, imports nothing else from dpo; dpo.cli, last, is imported by nothing.
-ORDER = ("quickstart", "recipe", "data", "kernels", "model", "losses", "reference", "reward", "train", "compare", "cli")
+# before it. dpo.files and dpo.quickstart, first, import nothing else from dpo; dpo.cli, last, is imported by
+# nothing.
+ORDER = ("files", "quickstart", "recipe", "data", "kernels", "model", "losses", "reference", "reward", "train", "compare", "cli")
 
 
 def module_name(path: Path) -> str:
@@ -103,6 +104,7 @@ def test_every_module_imports_only_its_own_stage_and_stages_upstream_of_it():
     ("dpo.model", "from ..train.loop import train", True, ["dpo.train.loop"]),
     ("dpo.kernels.triton_logprobs", "from .torch_logprobs import float32_matmul", False, []),
     ("dpo.quickstart", "from dpo.recipe import Recipe", False, ["dpo.recipe"]),
+    ("dpo.files", "from dpo.quickstart import build_tokenizer", False, ["dpo.quickstart"]),
     ("dpo.compare.run", "def main():\n    from dpo.cli import main\n", False, ["dpo.cli"]),
     ("dpo.cli", "def f():\n    from dpo.compare import run_compare\n    from dpo.train import train\n", False, []),
 ])

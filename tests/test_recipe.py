@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from dpo.recipe import LOSS_CONFIGS, ModelConfig, Recipe, RecipeError, load_recipe, recipe_from_dict
+from dpo.recipe import (
+    LOSS_CONFIGS,
+    MAX_RECIPE_VALUES,
+    ModelConfig,
+    Recipe,
+    RecipeError,
+    excerpt,
+    load_recipe,
+    recipe_from_dict,
+    safe_yaml,
+)
 from tests.helpers import write_recipe
 
 MINIMAL = {"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "output": {"dir": "out"}}
@@ -89,6 +99,43 @@ def test_python_yaml_tags_are_refused(tmp_path):
     with pytest.raises(RecipeError, match="evil.yaml"):
         load_recipe(path)
     assert not marker.exists()
+
+
+def test_anchors_that_share_a_little_are_fine_and_a_bomb_or_a_cycle_is_refused():
+    assert safe_yaml("a: &x {b: 1}\nc: *x\nd: [*x, *x]\n", "r") == {"a": {"b": 1}, "c": {"b": 1},
+                                                                    "d": [{"b": 1}, {"b": 1}]}
+    wide = "a: &a [" + ", ".join(["1"] * 100) + "]\nb: [" + ", ".join(["*a"] * (MAX_RECIPE_VALUES // 100)) + "]\n"
+    with pytest.raises(RecipeError, match="aliases expand to more than 10,000 values"):
+        safe_yaml(wide, "r.yaml")
+    with pytest.raises(RecipeError, match="refer to themselves"):
+        safe_yaml("a: &a [*a]\n", "r.yaml")
+    with pytest.raises(RecipeError, match="nested too deeply"):
+        safe_yaml("[" * 50_000 + "]" * 50_000, "r.yaml")
+    assert safe_yaml("", "r") is None
+
+
+def test_an_excerpt_is_short_whatever_the_value():
+    assert excerpt("short") == "'short'"
+    assert len(excerpt(list(range(10**6)))) <= 60 and len(excerpt("x" * 10**6)) <= 60
+    nested = [[[[list(range(1000))]]]]
+    assert len(excerpt(nested)) <= 60
+
+
+def test_a_recipe_file_is_read_only_up_to_its_bound(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {path: m}\n" + "#" * 1_000_000 + "\n")
+    with pytest.raises(RecipeError, match="over 1 MB"):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match="cannot read the recipe file"):
+        load_recipe(tmp_path)  # a folder
+
+
+def test_tilde_is_expanded_in_paths_but_not_in_an_inline_template(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    recipe = recipe_from_dict(with_(data={"train": "~/t.jsonl", "chat_template": "~{{ x }}"}, output={"dir": "~/o"}))
+    assert (recipe.data.train, recipe.output.dir) == (f"{tmp_path}/t.jsonl", f"{tmp_path}/o")
+    assert recipe.data.chat_template == "~{{ x }}"
+    assert recipe_from_dict(with_(model={"path": "org/model-~1"})).model.path == "org/model-~1"  # a hub id
 
 
 def test_missing_file_is_named(tmp_path):

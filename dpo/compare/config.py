@@ -9,10 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dpo.recipe import DataConfig, parse_override
+from dpo.recipe import DataConfig, RecipeError, parse_override, read_yaml_file
 
 
 class CompareError(ValueError):
@@ -154,11 +153,9 @@ def load_compare_config(path: str | Path, overrides: list[str] | tuple[str, ...]
     """Read, override (``key.path=value``) and validate a compare file."""
     path = Path(path)
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CompareError(f"{path}: compare file not found") from None
-    except yaml.YAMLError as exc:
-        raise CompareError(f"{path}: not valid YAML: {exc}") from None
+        tree = read_yaml_file(path, "compare")
+    except RecipeError as exc:
+        raise CompareError(str(exc)) from None
     if not isinstance(tree, dict):
         raise CompareError(f"{path}: a compare file is a mapping (models, reward_model, prompts, output, ...)")
     for text in overrides:

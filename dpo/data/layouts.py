@@ -87,7 +87,7 @@ def detect_layout(column_names: list[str], sample: dict[str, Any], source: str) 
             return "explicit"
         return "hh_rlhf" if chosen_is_text else "message_lists"
     raise DataError(
-        f"{source}: cannot tell the layout from the columns {', '.join(column_names)}. Expected prompt/chosen/"
+        f"{source}: cannot tell the layout from the columns {', '.join(column_names) or '(none)'}. Expected prompt/chosen/"
         "rejected, chosen/rejected transcripts or conversations, prompt/completion/label, or response_a/"
         "response_b/preference; map other names with data.columns (e.g. prompt: question, chosen: "
         "response_j, rejected: response_k) or set data.layout."
@@ -153,9 +153,24 @@ def _unpaired(row: dict[str, Any], *, chat: bool) -> dict[str, Any]:
     return {"prompt": prompt, "completion": completion, "label": require_flag(row, "label", "true means desirable")}
 
 
+def _squeezed(value: Any) -> Any:
+    """Text with every run of whitespace made one space and the ends stripped; messages likewise."""
+    if isinstance(value, str):
+        return " ".join(value.split())
+    if isinstance(value, list):
+        return [_squeezed(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _squeezed(item) for key, item in value.items()}
+    return value
+
+
 def _require_different(chosen: Any, rejected: Any) -> None:
+    # Equal sides give a zero DPO gradient; sides that differ only in whitespace teach only whitespace.
     if chosen == rejected:
         raise RowProblem(IDENTICAL, "chosen and rejected are the same, so the pair carries no preference")
+    if _squeezed(chosen) == _squeezed(rejected):
+        raise RowProblem(IDENTICAL, "chosen and rejected differ only in whitespace, so the pair carries no "
+                                    "preference")
 
 
 def split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:

@@ -2,9 +2,11 @@
 
 JSON lines are read line by line here rather than by ``datasets``' json loader, because that loader
 stops at the first unparsable line without saying which: here every unparsable line becomes a bad row
-with its line number, and non-UTF-8 bytes are an error with the line number. Parquet and CSV files are
-read with pyarrow (the readers ``datasets`` itself uses); folders with ``datasets.load_from_disk``; any
-other name is tried as a hub dataset id with ``datasets.load_dataset``.
+with its line number, and non-UTF-8 bytes are an error with the line number. A source with no row at all
+is an error that says why (empty, or not JSON Lines). Parquet and CSV files are read with pyarrow (the
+readers ``datasets`` itself uses); every CSV cell is read as a string, so a completion such as `` 0``
+stays text. Folders are read with ``datasets.load_from_disk``; any other name is tried as a hub dataset
+id with ``datasets.load_dataset``.
 """
 
 from __future__ import annotations
@@ -66,12 +68,16 @@ def load_rows(spec: str, *, split: str, key: str) -> RawRows:
     path = Path(spec).expanduser()
     if path.is_file():
         suffix = path.suffix.lower()
+        if suffix == ".jsonl" and _starts_with_bracket(path):
+            raise DataError(f"{key}: {spec} is not JSON Lines (one JSON object per line): line 1 opens a JSON array "
+                            "('['); a JSON array of rows goes in a .json file, so rename it, or write one object per "
+                            "line")
         if suffix == ".jsonl" or (suffix == ".json" and not _starts_with_bracket(path)):
-            return _read_json_lines(path, spec)
+            return _require_rows(_read_json_lines(path, spec), key, lines=True)
         if suffix == ".json":
-            return _read_json_array(path, spec)
+            return _require_rows(_read_json_array(path, spec), key)
         if suffix in TABLE_SUFFIXES:
-            return _read_table(path, spec)
+            return _require_rows(_read_table(path, spec), key)
         raise DataError(
             f"{key}: {spec}: unsupported file type '{path.suffix}'; use .jsonl, .json, .parquet or .csv, "
             "or a folder written by datasets' save_to_disk"
@@ -81,6 +87,19 @@ def load_rows(spec: str, *, split: str, key: str) -> RawRows:
     if path.suffix.lower() in JSON_SUFFIXES + TABLE_SUFFIXES or spec.startswith((".", "/", "~")):
         raise DataError(f"{key}: {spec}: no such file or folder")
     return _read_hub_dataset(spec, split=split, key=key)
+
+
+def _require_rows(raw: RawRows, key: str, *, lines: bool = False) -> RawRows:
+    """``raw``, if it holds at least one row object; otherwise an error saying why there is none."""
+    if raw.rows:
+        return raw
+    if not raw.bad:
+        raise DataError(f"{key}: {raw.source} is empty: it holds no rows")
+    if lines:
+        first = raw.bad[0]
+        raise DataError(f"{key}: {raw.source} is not JSON Lines (one JSON object per line): no line holds a row; "
+                        f"{first.unit} {first.number}: {first.detail}")
+    return raw  # unreadable items only: listed as bad rows downstream
 
 
 def _starts_with_bracket(path: Path) -> bool:
@@ -145,13 +164,18 @@ def _decode_utf8(path: Path, source: str) -> str:
 
 
 def _read_table(path: Path, source: str) -> RawRows:
+    import pyarrow
     import pyarrow.csv
     import pyarrow.parquet
 
     if path.suffix.lower() == ".csv":
-        _decode_utf8(path, source)  # pyarrow's own error would not say which line
+        if not _decode_utf8(path, source).strip():  # pyarrow's own error would not say which line
+            return RawRows(source, "row", [])
         try:
-            table = pyarrow.csv.read_csv(path)
+            # Every cell as a string: type inference would read a completion " 0" as the integer 0.
+            names = pyarrow.csv.open_csv(path).schema.names
+            options = pyarrow.csv.ConvertOptions(column_types=dict.fromkeys(names, pyarrow.string()))
+            table = pyarrow.csv.read_csv(path, convert_options=options)
         except Exception as exc:  # pyarrow raises several error types for malformed CSV
             raise DataError(f"{source}: cannot read as CSV: {exc}") from None
     else:

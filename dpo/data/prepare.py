@@ -8,6 +8,7 @@ off eval rows, tokenize through ``datasets.map`` (:mod:`dpo.data.tokenize`) or r
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -19,8 +20,10 @@ import datasets
 import numpy as np
 
 from dpo.data.cache import (
+    DamagedEntry,
     content_hash,
     default_cache_dir,
+    entry_lock,
     key_of,
     load_entry,
     rows_hash,
@@ -66,6 +69,7 @@ class Canonical:
     chat: bool
     rows: list[dict[str, Any]]
     bad: list[BadRow]
+    duplicates: int = 0
 
 
 @dataclass
@@ -170,6 +174,8 @@ def prepare_data(
         truncation=data_cfg.truncation,
         bad_rows=dict(bad_reasons),
         unpaired_rows=(len(train_ds), len(eval_ds)) if converted else None,
+        duplicates=train.duplicates + (evaluation.duplicates if evaluation else 0),
+        eval_in_train=_overlap(eval_rows, train_rows) if evaluation else 0,
     )
     return PreparedData(
         train=train_ds,
@@ -225,7 +231,22 @@ def read_canonical(
     handle_bad_rows(bad, data_cfg.on_bad_row, log)
     if not rows:
         raise DataError(f"{key}: {raw.source} has no usable rows")
-    return Canonical(raw.source, raw.unit, layout, chat, rows, bad)
+    duplicates = len(rows) - len({_identity(row) for row in rows})
+    if duplicates:
+        unit = "rows" if layout == "unpaired" else "pairs"
+        log(f"{raw.source}: {duplicates} {unit} repeat an earlier one exactly; they are kept (and so weigh more)")
+    return Canonical(raw.source, raw.unit, layout, chat, rows, bad, duplicates)
+
+
+def _overlap(rows: list[dict[str, Any]], others: list[dict[str, Any]]) -> int:
+    """How many of ``rows`` are also in ``others``."""
+    seen = {_identity(row) for row in others}
+    return sum(_identity(row) in seen for row in rows)
+
+
+def _identity(row: dict[str, Any]) -> str:
+    """What makes two canonical rows the same example (everything but the row number)."""
+    return json.dumps({k: v for k, v in row.items() if k != "number"}, sort_keys=True, ensure_ascii=False)
 
 
 def _sample_row(rows: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
@@ -271,23 +292,53 @@ def _tokenized_split(
     log: Callable[[str], None],
 ) -> tuple[datasets.Dataset, dict[str, Any], dict[str, np.ndarray]]:
     key = key_of({**settings, "rows": rows_hash(rows)})
-    # An empty split is built at once and never cached: datasets cannot load an empty saved dataset back.
-    cached = load_entry(cache_dir, key) if rows else None
-    if cached is not None:
-        dataset, meta, arrays = cached
-        dataset._fingerprint = meta["fingerprint"]
-        log(f"{name}: {meta['count']} tokenized {_unit(canonical)} reused from the cache ({cache_dir / key})")
-        return dataset, meta, arrays
-
     paired = canonical.layout != "unpaired"
     sides = ("chosen", "rejected") if paired else ("completion",)
-    dataset, meta, arrays = _tokenize(
-        rows, canonical, tokenizer, data_cfg, sides, template, template_label, unpaired=settings["unpaired"],
-        seed=settings["seed"], log=log, name=name, key=key,
-    )
-    if rows:
+
+    def tokenize():
+        return _tokenize(rows, canonical, tokenizer, data_cfg, sides, template, template_label,
+                         unpaired=settings["unpaired"], seed=settings["seed"], log=log, name=name, key=key)
+
+    # An empty split is built at once and never cached: datasets cannot load an empty saved dataset back.
+    if not rows:
+        return tokenize()
+    said: set[str] = set()  # a damaged entry is reported once
+
+    def say_once(message: str) -> None:
+        if message not in said:
+            said.add(message)
+            log(message)
+
+    cached = _cached_split(cache_dir, key, name, canonical, say_once)
+    if cached is not None:
+        return cached
+    lock = entry_lock(cache_dir, key, log)
+    try:
+        cached = _cached_split(cache_dir, key, name, canonical, say_once)  # written meanwhile by another process
+        if cached is not None:
+            return cached
+        dataset, meta, arrays = tokenize()
         with _quiet_datasets():
             save_entry(cache_dir, key, dataset, meta, arrays)
+        return dataset, meta, arrays
+    finally:
+        lock.release()
+
+
+def _cached_split(cache_dir: Path, key: str, name: str, canonical: Canonical, log: Callable[[str], None]
+                  ) -> tuple[datasets.Dataset, dict[str, Any], dict[str, np.ndarray]] | None:
+    """A verified cache entry, or None (a miss, or a damaged entry: said, and tokenized again)."""
+    try:
+        cached = load_entry(cache_dir, key)
+    except DamagedEntry as exc:
+        log(f"{name}: the tokenized-data cache entry {cache_dir / key} does not match its checksums ({exc}); "
+            "tokenizing again")
+        return None
+    if cached is None:
+        return None
+    dataset, meta, arrays = cached
+    dataset._fingerprint = meta["fingerprint"]
+    log(f"{name}: {meta['count']} tokenized {_unit(canonical)} reused from the cache ({cache_dir / key})")
     return dataset, meta, arrays
 
 

@@ -47,6 +47,8 @@ class TokenStats:
         truncation: the recipe's ``data.truncation``.
         unpaired_rows: ``(train, eval)`` unpaired rows made from the pairs, when an unpaired loss
             trains on paired data (each pair gives a desirable and an undesirable row).
+        duplicates: units that repeat an earlier one of the same source exactly (kept, so they weigh more).
+        eval_in_train: eval units that are also in the training data (a separate eval file).
     """
 
     unit: str
@@ -62,6 +64,8 @@ class TokenStats:
     truncation: str
     bad_rows: dict[str, int] = field(default_factory=dict)
     unpaired_rows: tuple[int, int] | None = None
+    duplicates: int = 0
+    eval_in_train: int = 0
 
     def format(self) -> str:
         """A few aligned lines for the terminal."""
@@ -75,6 +79,8 @@ class TokenStats:
             f"max_prompt_length {self.max_prompt_length}, {self.truncation})",
             f"dropped:            {self.dropped} {self.unit} (a completion left with no token after truncation)",
             f"bad rows skipped:   {bad}" + (f" ({bad_detail})" if bad else ""),
+            f"{'duplicate ' + self.unit + ':':<20}{self.duplicates} (exact repeats of an earlier one, kept)"
+            + (f"; {self.eval_in_train} eval {self.unit} also in the training data" if self.eval_in_train else ""),
         ]
         if self.unpaired_rows is not None:
             train, evaluation = self.unpaired_rows

@@ -10,6 +10,10 @@ completion is longer than ``max_length``, the prompt is first cut to ``max_promp
 keeps its end and its BOS, ``keep_start`` its start); then each completion is cut at its end to fit
 ``max_length``. The prompt is cut once for both sides of a pair, so chosen and rejected share it
 exactly. A row whose completion would be left with no token is dropped and counted.
+
+Before any of that, a text far longer than ``max_length`` tokens could hold is cut to
+:func:`char_budget` characters (the end of a prompt under ``keep_end``, else the start), so a 5 MB line
+costs what a page does; such a row counts as truncated.
 """
 
 from __future__ import annotations
@@ -42,6 +46,22 @@ def special_tokens(tokenizer: Any) -> SpecialTokens:
     if bos_id is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] != [bos_id]:
         bos_id = None
     return SpecialTokens(bos_id=bos_id, eos_id=tokenizer.eos_token_id)
+
+
+def char_budget(tokenizer: Any, max_length: int) -> int:
+    """Characters of text that always hold more than ``max_length`` tokens: twice ``max_length`` times the
+    longest token of the vocabulary (special tokens aside; a token never spans more text than its own
+    string). Cutting a text to this many characters keeps every token that truncation could keep."""
+    special = set(getattr(tokenizer, "all_special_tokens", []))
+    longest = max((len(token) for token in tokenizer.get_vocab() if token not in special), default=1)
+    return 2 * max_length * max(longest, 1)
+
+
+def cut_text(text: str, budget: int, keep_end: bool) -> tuple[str, bool]:
+    """``text`` cut to ``budget`` characters (its end if ``keep_end``), and whether it was cut."""
+    if len(text) <= budget:
+        return text, False
+    return (text[-budget:] if keep_end else text[:budget]), True
 
 
 def with_single_bos(ids: list[int], bos_id: int | None) -> list[int]:
@@ -135,9 +155,11 @@ class RowTokenizer:
         self.source = source
         self.unit = unit
         self.special = special_tokens(tokenizer)
+        self.char_budget = char_budget(tokenizer, max_length)
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         chat = bool(batch["prompt"]) and isinstance(batch["prompt"][0], list)
+        batch, cut = self._cut_long_texts(batch, chat)
         prompts, completions = self._chat_ids(batch) if chat else self._text_ids(batch)
         out: dict[str, list[Any]] = {k: [] for k in ("prompt_ids", "prompt_length", "truncated", "dropped")}
         for side in self.sides:
@@ -159,9 +181,32 @@ class RowTokenizer:
             out["prompt_ids"].append(prompt)
             for side, ids in zip(self.sides, sides):
                 out[f"{side}_ids"].append(ids)
-            out["truncated"].append(truncated)
+            out["truncated"].append(truncated or cut[i])
             out["dropped"].append(any(not ids for ids in sides))
         return out
+
+    def _cut_long_texts(self, batch: dict[str, list[Any]], chat: bool) -> tuple[dict[str, list[Any]], list[bool]]:
+        """The batch with every text (every message's content) cut to the character budget, and per row
+        whether anything was cut. A prompt keeps its end under ``keep_end``; completions keep their start."""
+        cut = [False] * len(batch["prompt"])
+        out = dict(batch)
+        for column in ("prompt", *self.sides):
+            keep_end = column == "prompt" and self.truncation == "keep_end"
+            values = []
+            for i, value in enumerate(batch[column]):
+                if chat:
+                    messages = []
+                    for message in value:
+                        content, was_cut = cut_text(message["content"], self.char_budget, keep_end)
+                        messages.append({**message, "content": content})
+                        cut[i] = cut[i] or was_cut
+                    values.append(messages)
+                else:
+                    text, was_cut = cut_text(value, self.char_budget, keep_end)
+                    values.append(text)
+                    cut[i] = cut[i] or was_cut
+            out[column] = values
+        return out, cut
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]

@@ -119,19 +119,30 @@ def _message(item: Any, where: str, *, completion: bool) -> dict[str, str]:
     return {"role": role, "content": content}
 
 
+_FLAG_WORDS = {"true": True, "false": False, "1": True, "0": False}
+
+
 def require_flag(row: dict[str, Any], field: str, meaning: str) -> bool:
-    """A boolean field; the integers 0 and 1 are accepted as ``False`` and ``True``."""
+    """A boolean field; the integers 0 and 1, and the words true/false/1/0 (CSV cells are text), are accepted."""
     value = require_present(row, field)
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _FLAG_WORDS:
+        return _FLAG_WORDS[value.strip().lower()]
     raise RowProblem(BAD_LABEL, f"'{field}' is {_short(value)}; expected true/false or 1/0 ({meaning})")
 
 
 def require_number(row: dict[str, Any], field: str) -> float:
-    """A finite number (booleans are refused: a flag is not a magnitude)."""
+    """A finite number, or a string holding one (CSV cells are text); booleans are refused: a flag is not a
+    magnitude."""
     value = require_present(row, field)
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise RowProblem(NOT_A_NUMBER, f"'{field}' is {_short(value)}, expected a finite number")
     return float(value)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from dpo.files import WriteFailed, writing
 from dpo.reference.store import CacheFileError, ReferenceStore, StoredValues
 
 LogpFn = Callable[[dict[str, Tensor]], tuple[Tensor, Tensor]]
@@ -234,7 +235,15 @@ def compute_and_store(
         progress=progress, checkpoint=lambda values: store.save_partial(fingerprint, values, parts),
         checkpoint_every_s=checkpoint_every_s,
     )
-    path = store.save(fingerprint, result.tensors(), parts)
+    if done < count:  # kept as progress first, so a failing final write (a full disk) loses nothing computed
+        store.save_partial(fingerprint, StoredValues(result.tensors(), torch.ones(count, dtype=torch.bool)), parts)
+    try:
+        with writing(store.path(fingerprint), "reference cache"):
+            path = store.save(fingerprint, result.tensors(), parts)
+    except WriteFailed as exc:
+        exc.kept = (f"Every value computed is saved in {store.partial_path(fingerprint)}: the next run writes the "
+                    "finished entry from it without computing anything again.")
+        raise
     log(f"reference cache: wrote {path}")
     return result
 

@@ -25,12 +25,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from dpo.files import sha256_of_file
+
 # Files from_pretrained builds the network from. Everything else in a model folder (tokenizer files,
 # generation settings, README) cannot change the log-probs of given token ids.
 NETWORK_FILE_NAMES = ("config.json", "adapter_config.json")
 NETWORK_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".py")
 INDEX_SUFFIX = ".index.json"  # sharded checkpoints: which tensor lives in which shard
-_READ_BLOCK = 1 << 22
 
 
 class IdentityError(ValueError):
@@ -45,20 +46,6 @@ def network_files(folder: Path) -> list[Path]:
         and (path.name in NETWORK_FILE_NAMES or path.name.endswith(INDEX_SUFFIX)
              or path.suffix in NETWORK_FILE_SUFFIXES)
     )
-
-
-def sha256_of_file(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in 4 MiB blocks (the hash releases the GIL on each block)."""
-    digest = hashlib.sha256()
-    buffer = bytearray(_READ_BLOCK)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as handle:
-        while True:
-            read = handle.readinto(buffer)
-            if not read:
-                break
-            digest.update(view[:read])
-    return digest.hexdigest()
 
 
 class HashIndex:

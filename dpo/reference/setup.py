@@ -27,7 +27,7 @@ import gc
 import os
 import random
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -210,16 +210,23 @@ def reference_logps(recipe: Recipe, data: PreparedData, collate: Collate, settin
     if verify and not hits:
         log("reference cache: nothing to verify (every value was computed in this run)")
         verify = 0
-    if missing or verify:
-        with open_reference(recipe, settings, device, policy) as logp_fn:
-            for split in missing:
-                fingerprint, parts = keys[split]
-                results[split] = compute_and_store(store, fingerprint, parts, splits[split], collate, logp_fn,
-                                                   recipe.reference.batch_size, device, split, log,
-                                                   checkpoint_every_s)
-            if verify:
-                verify_cached(recipe, {s: splits[s] for s in hits}, {s: results[s] for s in hits},
-                              {s: store.path(keys[s][0]) for s in hits}, collate, logp_fn, device, verify, log)
+    with ExitStack() as locks:
+        # One writer per entry: a process that finds another computing it waits, then reads its file.
+        for split in list(missing):
+            locks.enter_context(store.lock(keys[split][0], log))
+            results[split] = load_cached(store, keys[split][0], len(splits[split]), split, log)
+            if results[split] is not None:
+                missing.remove(split)
+        if missing or verify:
+            with open_reference(recipe, settings, device, policy) as logp_fn:
+                for split in missing:
+                    fingerprint, parts = keys[split]
+                    results[split] = compute_and_store(store, fingerprint, parts, splits[split], collate, logp_fn,
+                                                       recipe.reference.batch_size, device, split, log,
+                                                       checkpoint_every_s)
+                if verify:
+                    verify_cached(recipe, {s: splits[s] for s in hits}, {s: results[s] for s in hits},
+                                  {s: store.path(keys[s][0]) for s in hits}, collate, logp_fn, device, verify, log)
     return results["train"], results["eval"]
 
 

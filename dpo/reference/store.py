@@ -9,6 +9,8 @@ reader expects, so a truncated, corrupted or foreign file is never used.
 An unfinished precompute keeps its progress in ``<dir>/<fingerprint>.partial.safetensors`` (the same
 tensors plus a ``done`` mask, and ``complete: false``); that name is never read as a finished entry.
 Every write goes to a temporary file in the same folder, is fsynced, then renamed over the target.
+Processes that would compute one entry take ``<dir>/<fingerprint>.lock`` in turn (:meth:`ReferenceStore.lock`):
+a second one waits, then reads the finished entry.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
+
+from dpo.files import FileLock, describe_holder, writing
 
 FORMAT_NAME = "dpo-train reference log-probs"
 # Bump when the file layout or the meaning of a stored value changes: older files then miss, never mislead.
@@ -82,6 +86,14 @@ class ReferenceStore:
 
     def partial_path(self, fingerprint: str) -> Path:
         return self.directory / f"{fingerprint}.partial.safetensors"
+
+    def lock(self, fingerprint: str, log) -> FileLock:
+        """The writer lock of one entry, taken: waits (saying so) while another process computes it."""
+        with writing(self.directory, "reference cache"):
+            self.directory.mkdir(parents=True, exist_ok=True)
+            return FileLock(self.directory / f"{fingerprint}.lock").acquire(wait=True, on_wait=lambda holder: log(
+                f"reference cache: {self.path(fingerprint)} is being written by {describe_holder(holder)}; waiting "
+                "for it"))
 
     # ------------------------------------------------------------------------------------------- read
 
@@ -156,17 +168,18 @@ class ReferenceStore:
                     "fingerprint": fingerprint, "count": str(count), "complete": "true" if complete else "false",
                     "checksum": tensors_checksum(tensors), "key": json.dumps(parts, sort_keys=True, default=str)}
         data = save_safetensors(tensors, metadata=metadata)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.directory)
-        try:
-            with os.fdopen(handle, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        with writing(path, "reference cache", len(data)):
+            self.directory.mkdir(parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.directory)
+            try:
+                with os.fdopen(handle, "wb") as out:
+                    out.write(data)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(temporary, path)
+            except BaseException:
+                Path(temporary).unlink(missing_ok=True)
+                raise
         _fsync_directory(self.directory)
         return path
 

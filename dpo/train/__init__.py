@@ -5,7 +5,8 @@ whose forward the loop runs, the data and the loss (the preference losses over c
 log-probs, or a reward model); the loop (:mod:`dpo.train.loop`) runs the optimizer steps, evaluations and
 checkpoints, on one process or several (data parallel, :mod:`dpo.train.parallel`). Hands on the adapter,
 ``metrics.jsonl`` (:mod:`dpo.train.metric_log`), ``final_metrics.json`` and resumable checkpoints
-(:mod:`dpo.train.checkpoint`).
+(:mod:`dpo.train.checkpoint`), into an output directory whose marker records every path written there and
+whose lock admits one run at a time (:mod:`dpo.train.output_dir`).
 """
 
 from dpo.train.checkpoint import (
@@ -16,6 +17,7 @@ from dpo.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    preflight,
 )
 from dpo.train.loop import build_optimizer, train
 from dpo.train.metric_log import MetricLog
@@ -32,6 +34,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "preflight",
     "preference_setup",
     "reward_setup",
     "train",

@@ -1,8 +1,9 @@
 """Checkpoints and the output directory: everything a run needs to stop and resume bit-exactly.
 
-A run's output directory::
+A run's output directory (its marker and lock: :mod:`dpo.train.output_dir`)::
 
-    OUT/.dpo-train                 marker: dpo-train created this directory
+    OUT/.dpo-train                 marker: dpo-train created this directory, and every path it wrote here
+    OUT/.dpo-train.lock            the lock of the run that holds the directory
     OUT/recipe.yaml, metrics.jsonl, final_metrics.json, adapter/
     OUT/checkpoints/step-000040/
         adapter/                   the peft adapter (adapter_model.safetensors, adapter_config.json)
@@ -16,8 +17,9 @@ A run's output directory::
         manifest.json              written last: size and SHA-256 of every file above
 
 A checkpoint is written into a temporary folder beside its target, every file fsynced, the folder renamed
-into place, and only then the manifest written (atomically). A folder without a valid manifest is not a
-checkpoint. Only safetensors and JSON are ever read back: nothing in a checkpoint is unpickled.
+into place, and only then the manifest written (atomically). A folder without a manifest is not a
+checkpoint (and is cleaned up when the run resumes); one whose manifest is damaged is reported and skipped.
+Only safetensors and JSON are ever read back: nothing in a checkpoint is unpickled.
 """
 
 from __future__ import annotations
@@ -28,11 +30,10 @@ import math
 import os
 import random
 import re
-import shutil
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -41,19 +42,28 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dpo.train.metric_log import TENSORBOARD_DIR
+from dpo.files import TEMP_PREFIX, sha256_of_file, write_text_atomic, writing
+from dpo.files import sync_dir as _sync_dir
+from dpo.files import sync_file as _sync_file
+from dpo.train.metric_log import require_tensorboard
+from dpo.train.output_dir import (
+    CHECKPOINTS_DIR,
+    LOCK_FILE,
+    MARKER,
+    CheckpointError,
+    RunDirectory,
+    input_conflicts,
+    probe_lock,
+    take_lock,
+    taken_outputs,
+)
 
 Log = Callable[[str], None]
 
-CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "manifest.json"
-MARKER = ".dpo-train"
 FORMAT = "dpo-train-checkpoint"
 FORMAT_VERSION = 1
-# What a run writes into its output directory; --overwrite removes exactly these (and the marker).
-RUN_OUTPUTS = ("recipe.yaml", "metrics.jsonl", "final_metrics.json", "adapter", CHECKPOINTS_DIR, TENSORBOARD_DIR)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-_TEMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".old-"
 
 # Recipe keys that cannot change the trained result (logging, saving, where things go), so a resume
@@ -73,10 +83,6 @@ CONTENT_CHECKED = {
     "reference.model_path": "reference.train",
     "reference.adapter": "reference.train",
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or output directory that cannot be used; the message names the file and what to do."""
 
 
 class TrainingStopped(RuntimeError):
@@ -142,26 +148,6 @@ class LoopState:
 # -------------------------------------------------------------------------------- small helpers
 
 
-def _sync_file(path: Path) -> None:
-    """Flush ``path``'s data to disk (every file of a checkpoint passes through here once)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sync_dir(path: Path) -> None:
-    """Make a rename or a new entry in ``path`` durable (POSIX; Windows cannot open folders)."""
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _json_bytes(value: Any, name: str) -> bytes:
     try:
         # NaN and infinity are written as the bare words NaN and Infinity, which Python reads back.
@@ -171,26 +157,13 @@ def _json_bytes(value: Any, name: str) -> bytes:
 
 
 def _write_new_file(path: Path, data: bytes) -> None:
-    with open(path, "xb") as handle:
-        handle.write(data)
+    try:
+        with open(path, "xb") as handle:
+            handle.write(data)
+    except OSError as exc:
+        exc.filename = exc.filename or str(path)  # a failed write() names no file; the message should
+        raise
     _sync_file(path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so that a crash leaves either the old or the new content."""
-    temp = path.with_name(f"{_TEMP_PREFIX}{path.name}.{os.getpid()}")
-    temp.unlink(missing_ok=True)
-    _write_new_file(temp, text.encode("utf-8"))
-    os.replace(temp, path)
-    _sync_dir(path.parent)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tensor_fingerprint(*tensors: Tensor) -> str:
@@ -250,47 +223,223 @@ def restore_rng(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- output directory
 
 
-def remove_inside(root: Path, path: Path) -> None:
-    """Delete ``path``, an entry directly inside ``root``. A symlink is removed, never followed."""
-    if path.name in ("", ".", "..") or path.parent.resolve() != root.resolve():
-        raise CheckpointError(f"refusing to delete {path}: it is not an entry of {root}")
-    if path.is_symlink() or not path.is_dir():
-        path.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(path)  # removes links found inside without following them
+Inputs = Sequence[tuple[str, Path]]
 
 
-def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool, log: Log) -> None:
-    """Apply the output-directory rules and make sure ``out_dir`` exists with the dpo-train marker.
+@dataclass(frozen=True)
+class OutputPlan:
+    """What a run does with its output directory, decided before anything is written.
 
-    A new or empty directory is used as is. A non-empty one is refused unless the run resumes, or
-    ``overwrite`` is set (then the previous run's outputs, and only those, are deleted).
+    Attributes:
+        marker: the directory's marker (None: dpo-train did not create it).
+        start_over: delete what a previous run recorded there first (``--overwrite``, or ``--resume`` that
+            finds no checkpoint).
+        restart: ``--resume`` found no checkpoint: the run starts from step 0.
+        summary: one line saying what happens, for ``--dry-run``.
+    """
+
+    marker: RunDirectory | None
+    start_over: bool
+    restart: bool
+    summary: str
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def plan_output_dir(out_dir: Path, *, resume: str | Path | bool | None, overwrite: bool,
+                    inputs: Inputs = ()) -> OutputPlan:
+    """Apply the output-directory rules without touching anything.
+
+    A new or empty folder is used as is. In a folder dpo-train did not create (no marker), a run's output
+    names must all be free: ``--overwrite`` then writes beside what is there and deletes nothing. A folder
+    holding a previous run needs ``--resume`` (continue) or ``--overwrite`` (delete exactly the paths that
+    run recorded). In every case a run refuses when one of its output names is taken by something dpo-train
+    did not write, or when an input (recipe, data, model, caches) is or lies inside one of them.
+
+    Args:
+        out_dir: ``output.dir``.
+        resume: ``--resume`` (True/"latest", or a checkpoint folder), or None.
+        overwrite: ``--overwrite``.
+        inputs: ``(recipe key, path)`` of everything the run reads.
+
+    Raises:
+        CheckpointError: the folder is refused; the message names what is in the way and what to do.
     """
     if resume and overwrite:
         raise CheckpointError("--resume continues the run in output.dir and --overwrite deletes it; pass one")
     if out_dir.exists() and not out_dir.is_dir():
         raise CheckpointError(f"output.dir {out_dir} is a file; set output.dir to a folder")
-    entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
-    ours = MARKER in entries
-    entries = [name for name in entries if name != MARKER]
-    if entries and not resume:
-        if not overwrite and ours:
-            raise CheckpointError(
-                f"output.dir {out_dir} holds a previous dpo-train run: continue it with --resume, start over "
-                "with --overwrite (deletes its outputs), or set output.dir to a new folder")
+    exists = out_dir.is_dir()
+    own = {MARKER, LOCK_FILE, f"{TEMP_PREFIX}{MARKER}"}
+    entries = sorted(p.name for p in out_dir.iterdir() if p.name not in own) if exists else []
+    marker = RunDirectory.read(out_dir) if exists else None
+    taken = taken_outputs(out_dir, marker)
+    latest = resume is True or resume == "latest"
+    if marker is None:
+        if not entries:
+            restart = bool(latest)
+            return OutputPlan(None, False, restart, f"{out_dir}: {'empty' if exists else 'new'} folder; the run "
+                              f"starts{' from step 0 (nothing to resume)' if restart else ''}")
         if not overwrite:
             raise CheckpointError(
-                f"output.dir {out_dir} is not empty and was not created by dpo-train ({', '.join(entries[:5])}"
-                f"{', ...' if len(entries) > 5 else ''}); set output.dir to a new or empty folder, or pass "
-                "--overwrite to write into it (only dpo-train's own outputs there are deleted)")
-        for name in RUN_OUTPUTS:
-            if os.path.lexists(out_dir / name):
-                remove_inside(out_dir, out_dir / name)
-                log(f"--overwrite: removed {out_dir / name}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not (out_dir / MARKER).is_file():
-        marker = {"created_by": "dpo-train", "version": library_versions()["dpo-train"]}
-        write_text_atomic(out_dir / MARKER, json.dumps(marker) + "\n")
+                f"output.dir {out_dir} is not empty and was not created by dpo-train ({_listing(entries)})"
+                f"{', so it holds no run to resume' if resume else ''}; set output.dir to a new or empty folder, or "
+                "pass --overwrite to write into it beside what is there (dpo-train never deletes what it did not write)")
+        if taken:
+            raise CheckpointError(
+                f"--overwrite: output.dir {out_dir} was not created by dpo-train, and it holds {_listing(taken)}, "
+                "names a run writes; dpo-train deletes or replaces only what it wrote itself: move them away, or "
+                "set output.dir to another folder")
+        _check_inputs(out_dir, inputs, None, bool(resume))
+        return OutputPlan(None, False, False, f"{out_dir}: not created by dpo-train; the run writes beside "
+                          f"{len(entries)} entries already there and deletes none")
+    if taken:
+        raise CheckpointError(
+            f"output.dir {out_dir}: dpo-train did not write {_listing(taken)} there (or it was replaced since), and a "
+            "run writes these names; move them away, or set output.dir to another folder")
+    _check_inputs(out_dir, inputs, marker, bool(resume))
+    previous = marker.wrote_anything()
+    if resume:
+        complete, damaged = scan_checkpoints(out_dir)
+        restart = latest and not complete and not damaged
+        summary = (f"{out_dir}: holds no checkpoint; the run starts from step 0" if restart
+                   else f"{out_dir}: the run resumes")
+    elif previous and not overwrite:
+        raise CheckpointError(
+            f"output.dir {out_dir} holds a previous dpo-train run: continue it with --resume, start over with "
+            "--overwrite (deletes the files that run wrote, nothing else), or set output.dir to a new folder")
+    else:
+        restart = False
+        files = sum(1 for path in marker.files if os.path.lexists(out_dir / path))
+        summary = (f"{out_dir}: --overwrite deletes the {files} files the previous run wrote there (and nothing "
+                   "else)" if previous else f"{out_dir}: the run starts")
+    start_over = restart or not resume
+    if start_over:
+        # A new run writes its checkpoints by these names: a user's file inside one of the old ones would
+        # stand in its way (and is never deleted).
+        blocked = [entry for folder in sorted(marker.dirs) if _STEP_DIR.match(Path(folder).name)
+                   and Path(folder).parent.as_posix() == CHECKPOINTS_DIR for entry in marker.foreign_inside(folder)]
+        if blocked:
+            raise CheckpointError(
+                f"output.dir {out_dir}: {_listing(blocked)} inside the previous run's checkpoints were not written "
+                "by dpo-train, and the new run writes checkpoints there; move them away first")
+    return OutputPlan(marker, start_over, restart, summary)
+
+
+def _check_inputs(out_dir: Path, inputs: Inputs, marker: RunDirectory | None, resume: bool) -> None:
+    conflicts = input_conflicts(out_dir, inputs, marker, resume)
+    if conflicts:
+        raise CheckpointError(f"output.dir {out_dir}: {'; '.join(conflicts)}, and would be replaced or deleted; "
+                              "set output.dir to another folder, or move these inputs out of it")
+
+
+def run_inputs(recipe, recipe_file: Path | None = None) -> list[tuple[str, Path]]:
+    """What a run reads, as ``(recipe key, path)``: the recipe file, data, chat template file, model,
+    reference and cache folders. None of it may be a path the run writes or deletes."""
+    data, reference = recipe.data, recipe.reference
+    template = data.chat_template
+    if template is not None and ("{{" in template or "{%" in template):
+        template = None  # an inline template, not a file
+    named = [("the recipe", recipe_file), ("model.path", recipe.model.path), ("data.train", data.train),
+             ("data.eval", data.eval), ("data.chat_template", template), ("data.cache_dir", data.cache_dir),
+             ("reference.model_path", reference.model_path), ("reference.adapter", reference.adapter),
+             ("reference.cache_dir", reference.cache_dir)]
+    return [(key, Path(value)) for key, value in named if value is not None]
+
+
+def check_output_dir(out_dir: Path, *, resume: str | Path | bool | None, overwrite: bool,
+                     inputs: Inputs = ()) -> str:
+    """Every output-directory check of a real run, writing nothing (``--dry-run``); returns the plan's summary.
+
+    Raises:
+        CheckpointError: the real run would be refused (also when another run holds the folder).
+    """
+    if out_dir.is_dir():
+        probe_lock(out_dir)
+    return plan_output_dir(out_dir, resume=resume, overwrite=overwrite, inputs=inputs).summary
+
+
+def preflight(recipe, *, resume: str | Path | bool | None = None, overwrite: bool = False, force: bool = False,
+              recipe_file: Path | None = None) -> str:
+    """Every check a run makes before it loads anything, writing nothing (``--dry-run``): TensorBoard, the
+    output directory and its lock, and with ``resume`` the checkpoint it would take and the recipe values
+    that differ from it.
+
+    Returns:
+        What the run would do, a few lines.
+
+    Raises:
+        CheckpointError, RecipeError: the run would be refused; the message says why.
+    """
+    import yaml
+
+    require_tensorboard(recipe.output.tensorboard)
+    out_dir = Path(recipe.output.dir)
+    lines = [check_output_dir(out_dir, resume=resume, overwrite=overwrite, inputs=run_inputs(recipe, recipe_file))]
+    if resume and out_dir.is_dir():
+        checkpoint = find_checkpoint(out_dir, resume, lines.append)
+        if checkpoint is not None:
+            differences = recipe_differences(checkpoint.run, yaml.safe_load(recipe.to_yaml()))
+            check_resume(differences, checkpoint, force, lines.append)
+            lines.append(f"resumes from {checkpoint.path} (step {checkpoint.step}); the data and reference "
+                         "log-probs are compared with it when the run starts")
+    return "\n".join(lines)
+
+
+def prepare_output_dir(out_dir: Path, *, resume: str | Path | bool | None, overwrite: bool, log: Log,
+                       inputs: Inputs = ()) -> RunDirectory:
+    """Apply the output-directory rules (:func:`plan_output_dir`), take the run lock and set up the marker.
+
+    Returns:
+        The directory, holding the lock until :meth:`RunDirectory.close` (or the process ends).
+
+    Raises:
+        CheckpointError: the folder is refused, or another run holds it (named by its process id).
+    """
+    if out_dir.is_dir():
+        probe_lock(out_dir)  # "in use by process N" before any other complaint about the folder
+    plan_output_dir(out_dir, resume=resume, overwrite=overwrite, inputs=inputs)  # refuse before creating anything
+    with writing(out_dir, "output directory"):
+        out_dir.mkdir(parents=True, exist_ok=True)
+    lock = take_lock(out_dir)
+    try:
+        plan = plan_output_dir(out_dir, resume=resume, overwrite=overwrite, inputs=inputs)  # now under the lock
+        directory = plan.marker or RunDirectory.create(out_dir)
+        if plan.start_over:
+            removed, kept = directory.remove_all()
+            what = "--resume: no checkpoint to resume from" if plan.restart else "--overwrite"
+            if removed or kept:
+                log(f"{what}: removed the {removed} files the previous run wrote in {out_dir}"
+                    + (f"; kept {_listing(kept)} (not written by dpo-train)" if kept else ""))
+        elif resume:
+            clean_incomplete_checkpoints(directory, log)
+        if plan.restart:
+            log(f"--resume: {out_dir / CHECKPOINTS_DIR} holds no checkpoint (the run stopped before its first one); "
+                "starting from step 0")
+        directory.lock = lock
+        return directory
+    except BaseException:
+        lock.release()
+        raise
+
+
+def clean_incomplete_checkpoints(directory: RunDirectory, log: Log) -> None:
+    """Delete what a killed run left under ``checkpoints/``: temporary folders, and step folders without a
+    manifest (a save or a rotation cut short). Only recorded files go (see :meth:`RunDirectory.remove`)."""
+    for scratch in sorted(s for s in directory.scratch if s.startswith(f"{CHECKPOINTS_DIR}/")):
+        directory.remove(scratch)
+        log(f"checkpoint: removed {directory.root / scratch}, left by a run that stopped while saving")
+    root = directory.root / CHECKPOINTS_DIR
+    if not root.is_dir() or root.is_symlink():
+        return
+    for entry in sorted(root.iterdir()):
+        if (_STEP_DIR.match(entry.name) and entry.is_dir() and not entry.is_symlink()
+                and not os.path.lexists(entry / MANIFEST)):
+            kept = directory.remove(f"{CHECKPOINTS_DIR}/{entry.name}")
+            log(f"checkpoint: removed the incomplete {entry} (no manifest: its save or deletion was cut short)"
+                + (f"; kept {_listing(kept)} (not written by dpo-train)" if kept else ""))
 
 
 def rewind_metrics(path: Path, step: int, final: bool = False) -> int:
@@ -383,17 +532,31 @@ def _read_manifest(directory: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def list_checkpoints(out_dir: Path) -> list[tuple[int, int, Path]]:
-    """Complete checkpoints under ``out_dir`` as ``(sequence, step, folder)``, oldest written first."""
+def scan_checkpoints(out_dir: Path) -> tuple[list[tuple[int, int, Path]], list[tuple[Path, str]]]:
+    """Checkpoint folders under ``out_dir``: the complete ones as ``(sequence, step, folder)``, oldest written
+    first, and the damaged ones (a manifest that cannot be read) as ``(folder, what is wrong)``.
+
+    A folder without a manifest is in neither list: it is not a checkpoint. Listing never fails because of
+    one folder.
+    """
     root = out_dir / CHECKPOINTS_DIR
-    found = []
+    complete, damaged = [], []
     if root.is_dir():
         for entry in root.iterdir():
             if _STEP_DIR.match(entry.name) and entry.is_dir() and not entry.is_symlink():
-                manifest = _read_manifest(entry)
+                try:
+                    manifest = _read_manifest(entry)
+                except CheckpointError as exc:
+                    damaged.append((entry, str(exc)))
+                    continue
                 if manifest is not None:
-                    found.append((int(manifest["sequence"]), int(manifest["step"]), entry))
-    return sorted(found)
+                    complete.append((int(manifest["sequence"]), int(manifest["step"]), entry))
+    return sorted(complete), sorted(damaged)
+
+
+def list_checkpoints(out_dir: Path) -> list[tuple[int, int, Path]]:
+    """Complete checkpoints under ``out_dir`` as ``(sequence, step, folder)``, oldest written first."""
+    return scan_checkpoints(out_dir)[0]
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
@@ -403,13 +566,17 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return complete[-1][2] if complete else None
 
 
-def save_checkpoint(out_dir: Path, loop: LoopState, *, model, optimizer, scheduler, scaler,
+def save_checkpoint(directory: RunDirectory, loop: LoopState, *, model, optimizer, scheduler, scaler,
                     param_names: list[str], rng_states: list[dict[str, Any]], run: dict[str, Any],
                     keep_last: int, log: Log) -> Path:
     """Write a checkpoint of step ``loop.step`` atomically, then rotate to the ``keep_last`` newest.
 
+    Every path is recorded in the directory's marker before it is written. A write that fails (a full
+    disk) removes the unfinished folder and raises :class:`dpo.files.WriteFailed`; the checkpoints already
+    there are untouched.
+
     Args:
-        out_dir: the run's output directory.
+        directory: the run's output directory.
         loop: the loop's position and counters.
         model: the peft model (its adapter is saved with ``save_pretrained``).
         optimizer: its ``state_dict`` is saved as safetensors + JSON.
@@ -424,73 +591,88 @@ def save_checkpoint(out_dir: Path, loop: LoopState, *, model, optimizer, schedul
     Returns:
         The checkpoint folder.
     """
-    root = out_dir / CHECKPOINTS_DIR
-    if not root.is_dir():
-        root.mkdir(parents=True)
-        _sync_dir(out_dir)
-    for stale in root.iterdir():
-        if stale.name.startswith((_TEMP_PREFIX, _TRASH_PREFIX)):
-            remove_inside(root, stale)  # left by a run that was killed while writing
+    from safetensors.torch import save as safetensors_bytes
+
+    out_dir = directory.root
+    root = directory.mkdir(CHECKPOINTS_DIR)
+    for stale in sorted(s for s in directory.scratch if s.startswith(f"{CHECKPOINTS_DIR}/")):
+        directory.remove(stale)  # left by a run that was killed while writing
     name = f"step-{loop.step:06d}"
-    temp = root / f"{_TEMP_PREFIX}{name}"
-    temp.mkdir()
-
-    model.save_pretrained(temp / "adapter", safe_serialization=True)
-    for path in sorted((temp / "adapter").iterdir()):
-        _sync_file(path)
-    _sync_dir(temp / "adapter")
-    from safetensors.torch import save_file
-
+    temp_name, target_name = f"{CHECKPOINTS_DIR}/{TEMP_PREFIX}{name}", f"{CHECKPOINTS_DIR}/{name}"
+    trash_name = f"{CHECKPOINTS_DIR}/{_TRASH_PREFIX}{name}"
+    temp, target, trash = out_dir / temp_name, out_dir / target_name, out_dir / trash_name
     tensors, meta = _optimizer_files(optimizer, param_names)
-    save_file(tensors, temp / "optimizer.safetensors")
-    _sync_file(temp / "optimizer.safetensors")
-    _write_new_file(temp / "optimizer.json", _json_bytes(meta, "optimizer.json"))
-    _write_new_file(temp / "scheduler.json", _json_bytes(scheduler.state_dict(), "scheduler.json"))
+    payloads = {"optimizer.safetensors": safetensors_bytes(tensors), "optimizer.json": _json_bytes(meta, "optimizer.json"),
+                "scheduler.json": _json_bytes(scheduler.state_dict(), "scheduler.json")}
     if scaler is not None:
-        _write_new_file(temp / "scaler.json", _json_bytes(scaler.state_dict(), "scaler.json"))
-    _write_new_file(temp / "rng.json", _json_bytes({"processes": rng_states}, "rng.json"))
-    _write_new_file(temp / "state.json", _json_bytes(asdict(loop), "state.json"))
-    _write_new_file(temp / "run.json", _json_bytes(run, "run.json"))
-    _sync_dir(temp)
+        payloads["scaler.json"] = _json_bytes(scaler.state_dict(), "scaler.json")
+    payloads["rng.json"] = _json_bytes({"processes": rng_states}, "rng.json")
+    payloads["state.json"] = _json_bytes(asdict(loop), "state.json")
+    payloads["run.json"] = _json_bytes(run, "run.json")
+    # What the folder takes: these files, and the adapter's weights (as many bytes as its parameters).
+    needed = sum(map(len, payloads.values())) + sum(p.numel() * p.element_size() for p in model.parameters()
+                                                    if p.requires_grad)
+    directory.record(scratch=[temp_name])
+    try:
+        with writing(temp, "checkpoint", needed):
+            temp.mkdir()
+            model.save_pretrained(temp / "adapter", safe_serialization=True)
+            for path in sorted((temp / "adapter").iterdir()):
+                _sync_file(path)
+            _sync_dir(temp / "adapter")
+            for name, data in payloads.items():
+                _write_new_file(temp / name, data)
+            _sync_dir(temp)
 
-    files = {p.relative_to(temp).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(temp.rglob("*")) if p.is_file()}
-    complete = list_checkpoints(out_dir)
-    target = root / name
-    if os.path.lexists(target):
-        # The same step written before: by a run resumed from an older checkpoint, or an unfinished write.
-        # Moved aside first so that a complete checkpoint of this step exists at every moment or none does.
-        trash = root / f"{_TRASH_PREFIX}{name}"
-        os.replace(target, trash)
-        _sync_dir(root)
-    os.replace(temp, target)
-    _sync_dir(root)
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": loop.step,
-                "sequence": max((seq for seq, _, _ in complete), default=0) + 1, "files": files}
-    manifest_temp = target / f"{_TEMP_PREFIX}{MANIFEST}"
-    _write_new_file(manifest_temp, _json_bytes(manifest, MANIFEST))
-    os.replace(manifest_temp, target / MANIFEST)
-    _sync_dir(target)
-    if os.path.lexists(root / f"{_TRASH_PREFIX}{name}"):
-        remove_inside(root, root / f"{_TRASH_PREFIX}{name}")
+            files = {p.relative_to(temp).as_posix(): {"size": p.stat().st_size, "sha256": sha256_of_file(p)}
+                     for p in sorted(temp.rglob("*")) if p.is_file()}
+            complete = list_checkpoints(out_dir)
+            if os.path.lexists(target):
+                # The same step written before: by a run resumed from an older checkpoint, or an unfinished
+                # write. Moved aside first so that a complete checkpoint of this step exists at every moment or
+                # none does.
+                if not directory.owns(target_name):
+                    raise CheckpointError(f"{target} was not written by dpo-train; move it away so that the "
+                                          f"checkpoint of step {loop.step} can be saved")
+                directory.rename(target_name, trash_name)
+                _sync_dir(root)
+            directory.forget(target_name)
+            directory.record_tree(target_name, [*files, MANIFEST])
+            os.replace(temp, target)
+            _sync_dir(root)
+            manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": loop.step,
+                        "sequence": max((seq for seq, _, _ in complete), default=0) + 1, "files": files}
+            manifest_temp = target / f"{TEMP_PREFIX}{MANIFEST}"
+            _write_new_file(manifest_temp, _json_bytes(manifest, MANIFEST))
+            os.replace(manifest_temp, target / MANIFEST)
+            _sync_dir(target)
+    except BaseException:
+        directory.remove(temp_name)  # the unfinished checkpoint goes
+        if os.path.lexists(trash):  # and the one it was to replace comes back
+            directory.remove(target_name)
+            directory.rename(trash_name, target_name)
+        raise
+    directory.remove(trash_name)  # the replaced checkpoint's files (anything else in it stays)
     log(f"checkpoint: step {loop.step} saved to {target}")
-    rotate_checkpoints(out_dir, keep_last, log)
+    rotate_checkpoints(directory, keep_last, log)
     return target
 
 
-def rotate_checkpoints(out_dir: Path, keep_last: int, log: Log) -> None:
+def rotate_checkpoints(directory: RunDirectory, keep_last: int, log: Log) -> None:
     """Delete all but the ``keep_last`` most recently written complete checkpoints.
 
-    Only folders with a dpo-train manifest are touched; anything else under ``checkpoints/`` stays.
+    Only complete checkpoints are touched, and in them only the files the run recorded; anything else under
+    ``checkpoints/`` stays, damaged folders included (they are reported when a run resumes).
     """
-    root = out_dir / CHECKPOINTS_DIR
-    complete = list_checkpoints(out_dir)
+    complete = list_checkpoints(directory.root)
     for _, step, folder in complete[: max(0, len(complete) - keep_last)]:
         # The manifest goes first: from then on the folder is not a checkpoint, whatever remains of it.
-        (folder / MANIFEST).unlink()
-        _sync_dir(folder)
-        remove_inside(root, folder)
-        log(f"checkpoint: removed step {step} ({folder.name}), keeping the last {keep_last}")
+        with writing(folder / MANIFEST, "checkpoint"):
+            (folder / MANIFEST).unlink()
+            _sync_dir(folder)
+        kept = directory.remove(f"{CHECKPOINTS_DIR}/{folder.name}")
+        log(f"checkpoint: removed step {step} ({folder.name}), keeping the last {keep_last}"
+            + (f"; kept {_listing(kept)} (not written by dpo-train)" if kept else ""))
 
 
 # --------------------------------------------------------------------------------------- reading
@@ -533,7 +715,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         if file.stat().st_size != expected["size"]:
             raise CheckpointError(f"{file}: {file.stat().st_size} bytes, the manifest says {expected['size']} "
                                   "(truncated or replaced); resume from an earlier checkpoint")
-        if _sha256(file) != expected["sha256"]:
+        if sha256_of_file(file) != expected["sha256"]:
             raise CheckpointError(f"{file}: content does not match the manifest's SHA-256 (corrupted or "
                                   "altered); resume from an earlier checkpoint")
     for required in ("state.json", "run.json", "rng.json", "optimizer.json", "optimizer.safetensors",
@@ -544,15 +726,33 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path=path, step=int(manifest["step"]), loop=loop, run=_read_json(path / "run.json"))
 
 
-def find_checkpoint(out_dir: Path, resume: str | Path | bool) -> Checkpoint:
-    """The checkpoint ``--resume`` names: ``True``/``"latest"`` for the output directory's latest one."""
-    if resume is True or resume == "latest":
-        latest = latest_checkpoint(out_dir)
-        if latest is None:
-            raise CheckpointError(f"--resume: no complete checkpoint in {out_dir / CHECKPOINTS_DIR}; run "
-                                  "without --resume to start training, or pass --resume PATH")
-        return load_checkpoint(latest)
-    return load_checkpoint(Path(resume))
+def find_checkpoint(out_dir: Path, resume: str | Path | bool, log: Log = print) -> Checkpoint | None:
+    """The checkpoint ``--resume`` names: ``True``/``"latest"`` for the output directory's newest valid one.
+
+    Damaged checkpoints (a manifest that cannot be read, a file that does not match it) are skipped, each
+    named in a warning. With no checkpoint folder at all the run starts from step 0: None.
+
+    Raises:
+        CheckpointError: a named checkpoint is missing or damaged, or every checkpoint there is.
+    """
+    if not (resume is True or resume == "latest"):
+        return load_checkpoint(Path(resume))
+    complete, damaged = scan_checkpoints(out_dir)
+    skipped = [problem for _, problem in damaged]  # each names its file
+    for _, _, folder in reversed(complete):
+        try:
+            checkpoint = load_checkpoint(folder)
+        except CheckpointError as exc:
+            skipped.append(str(exc))
+            continue
+        for problem in skipped:
+            log(f"warning: --resume: skipped a damaged checkpoint: {problem}")
+        return checkpoint
+    if skipped:
+        listing = "\n  ".join(skipped)
+        raise CheckpointError(f"--resume: no usable checkpoint in {out_dir / CHECKPOINTS_DIR}:\n  {listing}\n"
+                              "Resume from another one with --resume PATH, or start over with --overwrite")
+    return None
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
@@ -718,9 +918,17 @@ class StopSignals:
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
         if self.received is not None:
-            os.write(2, f"\n{name} again: exiting now; the last complete checkpoint is intact\n".encode())
+            _say(f"\n{name} again: exiting now; the last complete checkpoint is intact\n")
             os._exit(128 + signum)
         self.received = signum
-        # os.write, not print: a signal handler may run in the middle of another write to the stream.
-        os.write(2, f"\n{name}: finishing the current step, then writing a checkpoint "
-                    f"(send it again to exit at once)\n".encode())
+        _say(f"\n{name}: finishing the current step, then writing a checkpoint (send it again to exit at once)\n")
+
+
+def _say(text: str) -> None:
+    """Write to stderr from a signal handler: os.write, not print (the handler may run in the middle of
+    another write to the stream), and nothing if stderr has no reader any more (``| tee`` stopped by the
+    same Ctrl-C): the checkpoint matters, the message does not."""
+    try:
+        os.write(2, text.encode())
+    except OSError:
+        pass

@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from dpo.files import WriteFailed
 from dpo.recipe import Recipe, RecipeError, TrainConfig
 from dpo.reference import length_sorted_batches
 from dpo.train.checkpoint import (
@@ -32,17 +33,18 @@ from dpo.train.checkpoint import (
     capture_rng,
     check_resume,
     find_checkpoint,
+    latest_checkpoint,
     prepare_output_dir,
     recipe_differences,
     restore_checkpoint,
     rewind_metrics,
     run_differences,
+    run_inputs,
     run_record,
     save_checkpoint,
     version_notes,
-    write_text_atomic,
 )
-from dpo.train.metric_log import MetricLog, tensorboard_available
+from dpo.train.metric_log import MetricLog, require_tensorboard
 from dpo.train.parallel import average_gradients, broadcast_parameters, merge_sums, shard
 from dpo.train.setup import preference_setup, reward_setup
 
@@ -175,7 +177,7 @@ def count_step(loop: LoopState, losses: list[float], applied: bool, scaler_activ
 
 
 def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None = None, force: bool = False,
-          overwrite: bool = False) -> dict[str, dict[str, float]]:
+          overwrite: bool = False, recipe_file: Path | None = None) -> dict[str, dict[str, float]]:
     """Train a LoRA adapter as the recipe says; returns eval metrics before and after training.
 
     Args:
@@ -184,11 +186,14 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
         resume: continue from a checkpoint: True (or "latest") for the output directory's latest one, or
             a checkpoint folder; None starts afresh.
         force: resume even where settings that change the result differ from the checkpoint's (warned).
-        overwrite: start afresh in an output directory that is not empty (a previous run's outputs are
-            deleted, nothing else).
+        overwrite: start afresh in an output directory that is not empty (the files a previous run recorded
+            there are deleted, nothing else).
+        recipe_file: the recipe's file, which the run must never delete or replace.
 
     Raises:
-        CheckpointError: the output directory is refused, or the checkpoint is damaged or does not match.
+        CheckpointError: the output directory is refused (or held by another run), or the checkpoint is
+            damaged or does not match.
+        WriteFailed: a write failed (disk full); the message says which checkpoint is intact.
         TrainingInterrupted: SIGINT/SIGTERM; the current step was finished and a checkpoint written.
         TooManyBadSteps: ``train.max_bad_steps`` steps in a row were non-finite; the last good checkpoint stays.
 
@@ -200,23 +205,35 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    if recipe.output.tensorboard and not tensorboard_available():
-        raise RecipeError("output.tensorboard: true needs the tensorboard package (pip install "
-                          "'dpo-train[tensorboard]'), or set output.tensorboard: false")
+    require_tensorboard(recipe.output.tensorboard)
     accelerator = Accelerator(gradient_accumulation_steps=recipe.train.grad_accum,
                               mixed_precision="fp16" if recipe.train.loss_scaler else "no",
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=SETUP_TIMEOUT)])
+    out_dir, run_dir = Path(recipe.output.dir), None
     try:
-        return _train(accelerator, recipe, log, resume=resume, force=force, overwrite=overwrite)
+        # 0. The output directory, checked and locked before anything slow (by the main process, which alone
+        # writes there; the lock is held until the run ends).
+        if accelerator.is_main_process:
+            run_dir = prepare_output_dir(out_dir, resume=resume, overwrite=overwrite, log=log,
+                                         inputs=run_inputs(recipe, recipe_file))
+        return _train(accelerator, run_dir, recipe, log, resume=resume, force=force)
+    except WriteFailed as exc:
+        latest = latest_checkpoint(out_dir) if out_dir.is_dir() else None
+        exc.kept = exc.kept or (f"The last checkpoint, {latest}, is intact; continue from it with --resume."
+                                if latest is not None else "No checkpoint had been written yet.")
+        raise
     finally:
+        if run_dir is not None:
+            run_dir.close()
         # A process that exits with its process group still open is aborted by the collective library's
         # threads (multi-process runs); in a single process this does nothing.
         accelerator.end_training()
 
 
-def _train(accelerator, recipe: Recipe, log: Log, *, resume: str | Path | bool | None, force: bool,
-           overwrite: bool) -> dict[str, dict[str, float]]:
-    """The body of :func:`train`, given the run's ``accelerate.Accelerator``."""
+def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path | bool | None,
+           force: bool) -> dict[str, dict[str, float]]:
+    """The body of :func:`train`, given the run's ``accelerate.Accelerator`` and its output directory
+    (a :class:`dpo.train.output_dir.RunDirectory` on the main process, None on the others)."""
     from accelerate.utils import gather_object, set_seed
 
     cfg = recipe.train
@@ -228,11 +245,9 @@ def _train(accelerator, recipe: Recipe, log: Log, *, resume: str | Path | bool |
     if not is_main:
         log = _quiet  # the main process says everything once
 
-    # 0. Output directory and the checkpoint to resume from, checked before anything slow.
-    if is_main:
-        prepare_output_dir(out_dir, resume=bool(resume), overwrite=overwrite, log=log)
+    # 0. The checkpoint to resume from (the output directory is ready: see train), checked before anything slow.
     accelerator.wait_for_everyone()
-    checkpoint = find_checkpoint(out_dir, resume) if resume else None
+    checkpoint = find_checkpoint(out_dir, resume, log) if resume else None
     if checkpoint is not None:
         check_resume(recipe_differences(checkpoint.run, recipe_tree), checkpoint, force, log)
 
@@ -248,7 +263,7 @@ def _train(accelerator, recipe: Recipe, log: Log, *, resume: str | Path | bool |
         for note in version_notes(checkpoint.run, run):
             log(f"warning: resuming with {note}; the result may differ in the last bits")
     if is_main:
-        write_text_atomic(out_dir / "recipe.yaml", recipe.to_yaml())
+        run_dir.write_text("recipe.yaml", recipe.to_yaml(), "resolved recipe")
     metrics_path = out_dir / "metrics.jsonl"  # written through MetricLog, by the main process only
 
     # 2. Optimizer, schedule, data order.
@@ -296,7 +311,7 @@ def _train(accelerator, recipe: Recipe, log: Log, *, resume: str | Path | bool |
         rng_states = gather(capture_rng())
         path = None
         if is_main:
-            path = save_checkpoint(out_dir, loop, model=model, optimizer=optimizer, scheduler=scheduler,
+            path = save_checkpoint(run_dir, loop, model=model, optimizer=optimizer, scheduler=scheduler,
                                    scaler=accelerator.scaler, param_names=param_names, rng_states=rng_states,
                                    run=run, keep_last=cfg.keep_last, log=log)
         accelerator.wait_for_everyone()
@@ -315,7 +330,7 @@ def _train(accelerator, recipe: Recipe, log: Log, *, resume: str | Path | bool |
     else:
         loop = LoopState()
     # Events are flushed record by record, so a run that stops early loses none of them.
-    metric_log = MetricLog(out_dir, tensorboard=recipe.output.tensorboard, enabled=is_main,
+    metric_log = MetricLog(out_dir, tensorboard=recipe.output.tensorboard, enabled=is_main, run_dir=run_dir,
                            resumed_step=loop.step if checkpoint is not None else None)
     if checkpoint is None:
         loop.eval_before = evaluate(step_module, eval_loader, loss_fn, device, gather) if has_eval else {}
@@ -422,9 +437,13 @@ def _train(accelerator, recipe: Recipe, log: Log, *, resume: str | Path | bool |
     adapter_dir = out_dir / "adapter"
     summary = {"eval_before": loop.eval_before, "eval_after": after, "steps": loop.step}
     if is_main:
-        model.save_pretrained(adapter_dir, safe_serialization=True)
-        setup.tokenizer.save_pretrained(adapter_dir)
-        write_text_atomic(out_dir / "final_metrics.json", json.dumps(summary, indent=2))
+        def save_adapter(folder: Path) -> None:
+            model.save_pretrained(folder, safe_serialization=True)
+            setup.tokenizer.save_pretrained(folder)
+
+        run_dir.write_folder("adapter", save_adapter, "adapter",
+                             needed=sum(p.numel() * p.element_size() for p in params))
+        run_dir.write_text("final_metrics.json", json.dumps(summary, indent=2), "final metrics")
     key, label = setup.headline
     if key in loop.eval_before and key in after:
         log(f"{label}: {loop.eval_before[key]:.3f} before -> {after[key]:.3f} after training")

@@ -6,9 +6,10 @@ import json
 import shutil
 
 import pyarrow as pa
+import pytest
 
 from dpo.data import prepare_data
-from dpo.data.cache import content_hash
+from dpo.data.cache import CHECKSUMS, DamagedEntry, content_hash, verify_entry
 from tests.data_helpers import FIXTURES, build_word_tokenizer, data_config
 
 
@@ -85,3 +86,38 @@ def test_content_hash_sees_row_boundaries_and_ignores_chunking():
     assert chunked.column("x").num_chunks == 2
     assert content_hash(chunked) == content_hash(a)
     assert content_hash(pa.table({"y": pa.array([[1, 2], [3]], ids)})) != content_hash(a)
+
+
+def entries(cache) -> list:
+    return sorted(p for p in cache.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+@pytest.mark.parametrize("damage", ["flip a byte", "truncate", "delete a file", "add a file", "drop the checksums"])
+def test_an_entry_that_does_not_match_its_checksums_is_named_and_tokenized_again(tmp_path, damage):
+    first, _, _ = run(FIXTURES / "explicit_prompt.jsonl", tmp_path)
+    entry = entries(tmp_path)[0]
+    verify_entry(entry)
+    arrays = entry / "arrays.npz"
+    if damage == "flip a byte":
+        data = bytearray(arrays.read_bytes())
+        data[-30] ^= 1
+        arrays.write_bytes(bytes(data))
+    elif damage == "truncate":
+        arrays.write_bytes(arrays.read_bytes()[:-1])
+    elif damage == "delete a file":
+        arrays.unlink()
+    elif damage == "add a file":
+        (entry / "dataset" / "extra.arrow").write_bytes(b"")
+    else:
+        (entry / CHECKSUMS).unlink()
+    with pytest.raises(DamagedEntry):
+        verify_entry(entry)
+    logged: list[str] = []
+    again = prepare_data(data_config(FIXTURES / "explicit_prompt.jsonl", tmp_path), build_word_tokenizer(),
+                         unpaired=False, seed=0, log=logged.append)
+    assert sum(f"{entry} does not match its checksums" in line for line in logged) == 1
+    assert again.train[:] == first.train[:] and again.eval[:] == first.eval[:]
+    verify_entry(entry)  # replaced by a good one
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
+    _, hits, misses = run(FIXTURES / "explicit_prompt.jsonl", tmp_path)
+    assert (hits, misses) == (2, 0)

@@ -56,6 +56,29 @@ def test_parquet_and_csv(tmp_path):
     assert raw.rows == [(1, {"prompt": "Which city, then?", "chosen": " Paris.", "rejected": " Geneva."})]
 
 
+def test_csv_cells_stay_text_even_when_they_look_like_numbers(tmp_path):
+    (tmp_path / "d.csv").write_text('prompt,chosen,rejected\n1 + 1 =, 2,02\n', encoding="utf-8")
+    assert load(tmp_path / "d.csv").rows == [(1, {"prompt": "1 + 1 =", "chosen": " 2", "rejected": "02"})]
+
+
+@pytest.mark.parametrize("name, content", [("d.csv", "prompt,chosen,rejected\n"), ("d.csv", ""), ("d.json", "[]"),
+                                           ("d.jsonl", "\n\n")])
+def test_a_source_without_rows_says_it_is_empty(tmp_path, name, content):
+    (tmp_path / name).write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=rf"data.train: .*{name} is empty: it holds no rows"):
+        load(tmp_path / name)
+
+
+def test_a_jsonl_file_holding_an_array_or_no_object_line_says_it_is_not_json_lines(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(ROWS), encoding="utf-8")
+    with pytest.raises(DataError, match="is not JSON Lines .*line 1 opens a JSON array"):
+        load(path)
+    path.write_text("prompt: a\n[1]\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"is not JSON Lines .*no line holds a row; line 1: not valid JSON"):
+        load(path)
+
+
 def test_save_to_disk_folders_with_and_without_splits(tmp_path):
     datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "one"))
     assert load(tmp_path / "one").rows == [(1, ROWS[0]), (2, ROWS[1])]

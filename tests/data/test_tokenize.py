@@ -7,8 +7,17 @@ import json
 import pytest
 
 from dpo.data import DataError, prepare_data
-from dpo.data.tokenize import cut_prompt, special_tokens, truncate, with_single_bos, with_single_eos
-from tests.data_helpers import FIXTURES, build_word_tokenizer, data_config, tokens
+from dpo.data.tokenize import (
+    RowTokenizer,
+    char_budget,
+    cut_prompt,
+    cut_text,
+    special_tokens,
+    truncate,
+    with_single_bos,
+    with_single_eos,
+)
+from tests.data_helpers import CHAT_TEMPLATE, FIXTURES, build_word_tokenizer, data_config, tokens
 
 BOS, EOS = 1, 2
 
@@ -184,3 +193,32 @@ def test_a_template_ending_turns_with_eos_gets_no_second_eos(tmp_path):
     prepared = prepare_data(config, tokenizer, unpaired=False, seed=0, log=lambda _: None)
     # Line 2: "Name the capital city of Italy." -> "The capital of Italy is Rome."
     assert tokens(tokenizer, prepared.train[1]["chosen_ids"]) == ["The", "capital", "of", "Italy", "is", "Rome", ".", "<eos>"]
+
+
+def test_the_character_budget_always_holds_more_tokens_than_max_length():
+    tokenizer = build_word_tokenizer()
+    longest = max(len(t) for t in tokenizer.get_vocab() if t not in tokenizer.all_special_tokens)
+    assert char_budget(tokenizer, 10) == 2 * 10 * longest
+    text = " ".join(["alpha", "gamma", "delta"] * 200)
+    cut, was_cut = cut_text(text, char_budget(tokenizer, 10), keep_end=False)
+    assert was_cut and len(tokenizer(cut, add_special_tokens=False)["input_ids"]) > 10
+    assert cut_text("short", 100, keep_end=True) == ("short", False)
+    assert cut_text("abcdef", 3, keep_end=True) == ("def", True)
+
+
+def test_long_chat_messages_are_cut_before_rendering_and_count_as_truncated():
+    tokenizer = build_word_tokenizer()
+    row_tokenizer = RowTokenizer(tokenizer, sides=("chosen", "rejected"), chat_template=CHAT_TEMPLATE,
+                                 template_label="test", max_length=12, max_prompt_length=6, truncation="keep_end",
+                                 source="d.jsonl", unit="line")
+    budget = row_tokenizer.char_budget
+    long = "alpha " * budget
+    batch = {"number": [1, 2],
+             "prompt": [[{"role": "user", "content": long + "beta"}], [{"role": "user", "content": "gamma"}]],
+             "chosen": [[{"role": "assistant", "content": "delta"}]] * 2,
+             "rejected": [[{"role": "assistant", "content": "beta"}]] * 2}
+    cut, flags = row_tokenizer._cut_long_texts(batch, chat=True)
+    assert flags == [True, False] and len(cut["prompt"][0][0]["content"]) == budget
+    assert cut["prompt"][0][0]["content"].endswith("beta")  # keep_end keeps the end of the prompt
+    out = row_tokenizer(batch)
+    assert out["truncated"] == [True, False]

@@ -15,6 +15,7 @@ from dpo.data.validate import (
     RowProblem,
     require_flag,
     require_messages,
+    require_number,
 )
 from tests.data_helpers import FIXTURES, build_word_tokenizer, data_config, tokens
 
@@ -130,9 +131,18 @@ def test_message_checks():
     ) == [{"role": "user", "content": "x"}]
 
 
-def test_labels_accept_booleans_and_0_1_only():
+def test_labels_accept_booleans_and_0_1_also_written_as_text():
     assert require_flag({"label": True}, "label", "") is True
     assert require_flag({"label": 0}, "label", "") is False
-    for value in (2, "yes", 0.5):
+    # CSV cells are read as text.
+    assert [require_flag({"label": v}, "label", "") for v in ("true", " False", "1", "0")] == [True, False, True, False]
+    for value in (2, "yes", 0.5, "", "2"):
         with pytest.raises(RowProblem):
             require_flag({"label": value}, "label", "")
+
+
+def test_numbers_may_be_written_as_text_but_must_be_finite():
+    assert require_number({"m": "1.5"}, "m") == 1.5 and require_number({"m": 2}, "m") == 2.0
+    for value in ("x", "nan", "inf", True, None, ""):
+        with pytest.raises(RowProblem):
+            require_number({"m": value}, "m")

@@ -49,3 +49,22 @@ def test_values_with_a_wrong_dtype_in_the_file_are_rejected(tmp_path):
     save_file(values, str(path), metadata=metadata)
     with pytest.raises(CacheFileError):
         store.load("d" * 40, 3)
+
+
+def test_a_second_writer_of_an_entry_waits_for_the_first(tmp_path):
+    import threading
+    import time
+
+    store = ReferenceStore(tmp_path)
+    first = store.lock("c" * 40, print)
+    told: list[str] = []
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(store.lock("c" * 40, told.append)))
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive() and len(told) == 1 and f"{store.path('c' * 40)} is being written by process" in told[0]
+    store.lock("d" * 40, print).release()  # another entry is not held up
+    first.release()
+    waiter.join(timeout=10)
+    assert not waiter.is_alive()
+    got[0].release()

@@ -23,21 +23,25 @@ from dpo.train.checkpoint import (
     LoopState,
     StopSignals,
     capture_rng,
+    check_output_dir,
     check_resume,
+    clean_incomplete_checkpoints,
+    find_checkpoint,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     prepare_output_dir,
     recipe_differences,
-    remove_inside,
     restore_checkpoint,
     restore_rng,
     rewind_metrics,
     run_differences,
     run_record,
     save_checkpoint,
+    scan_checkpoints,
     tensor_fingerprint,
 )
+from dpo.train.output_dir import RunDirectory
 
 
 class TinyNet(torch.nn.Module):
@@ -95,8 +99,9 @@ def save(out: Path, parts, step: int, keep_last: int = 10, log=lambda _: None) -
     model, optimizer, scheduler, names = parts
     loop = LoopState(step=step, epoch=1, micro_batch=3, bad_steps=1, grad_norm=0.25, window_sums={"loss": 1.5},
                      window_counts={"loss": 2}, eval_before={"loss": 0.69})
-    return save_checkpoint(out, loop, model=model, optimizer=optimizer, scheduler=scheduler, scaler=None,
-                           param_names=names, rng_states=[capture_rng()], run=RUN, keep_last=keep_last, log=log)
+    return save_checkpoint(RunDirectory.create(out), loop, model=model, optimizer=optimizer, scheduler=scheduler,
+                           scaler=None, param_names=names, rng_states=[capture_rng()], run=RUN, keep_last=keep_last,
+                           log=log)
 
 
 def trainable(model) -> dict[str, torch.Tensor]:
@@ -308,15 +313,19 @@ def test_rotation_keeps_the_newest_and_touches_nothing_else(tmp_path):
     (outside / "precious.txt").write_text("keep me")
     out = tmp_path / "run"
     first = save(out, parts, step=1, keep_last=2)
-    (first / "link").symlink_to(outside)  # deleting the checkpoint must not follow this
+    (first / "link").symlink_to(outside)  # not written by dpo-train: kept, and never followed
     root = out / "checkpoints"
     (root / "notes").mkdir()
     (root / "notes" / "a.txt").write_text("mine")
     (root / "step-000009").mkdir()  # no manifest: not a checkpoint, not ours to delete
+    messages = []
     for step in (2, 3, 4):
-        save(out, parts, step=step, keep_last=2)
+        save(out, parts, step=step, keep_last=2, log=messages.append)
     assert [step for _, step, _ in list_checkpoints(out)] == [3, 4]
-    assert sorted(p.name for p in root.iterdir()) == ["notes", "step-000003", "step-000004", "step-000009"]
+    assert sorted(p.name for p in root.iterdir()) == ["notes", "step-000001", "step-000003", "step-000004",
+                                                      "step-000009"]
+    assert [p.name for p in first.iterdir()] == ["link"]  # every file the run wrote went, the link stayed
+    assert "kept checkpoints/step-000001/link (not written by dpo-train)" in "\n".join(messages)
     assert (outside / "precious.txt").read_text() == "keep me"
 
 
@@ -404,59 +413,124 @@ def test_check_resume_refuses_listing_differences_or_warns_under_force(tmp_path)
 # ---------------------------------------------------------------------------- output directory
 
 
+def prepare(out: Path, resume=None, overwrite=False, log=print) -> RunDirectory:
+    """prepare_output_dir, its lock released at once (as at the end of a run)."""
+    directory = prepare_output_dir(out, resume=resume, overwrite=overwrite, log=log)
+    directory.close()
+    return directory
+
+
 def test_a_new_or_empty_output_dir_is_taken_and_marked(tmp_path):
     for out in (tmp_path / "new" / "run", tmp_path / "empty"):
         if out.name == "empty":
             out.mkdir()
-        prepare_output_dir(out, resume=False, overwrite=False, log=print)
+        prepare(out)
         assert json.loads((out / ".dpo-train").read_text())["created_by"] == "dpo-train"
-    # Only the marker inside: still empty as far as a new run is concerned.
-    prepare_output_dir(tmp_path / "empty", resume=False, overwrite=False, log=print)
+    # Only the marker and the lock inside: still empty as far as a new run is concerned.
+    prepare(tmp_path / "empty")
 
 
-def test_a_foreign_non_empty_dir_is_refused_unless_overwrite_which_deletes_only_run_outputs(tmp_path):
+def test_a_foreign_non_empty_dir_is_refused_and_overwrite_writes_beside_its_files_deleting_nothing(tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("user file")
+    with pytest.raises(CheckpointError, match=rf"{out} is not empty and was not created by dpo-train.*--overwrite"):
+        prepare(out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # refused before anything was created
+    prepare(out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [".dpo-train", ".dpo-train.lock", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "user file"
+
+
+def test_overwrite_refuses_a_foreign_dir_whose_output_names_are_taken(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "weights.bin").write_text("keep")
     (out / "adapter").symlink_to(outside)
-    with pytest.raises(CheckpointError, match=rf"{out} is not empty and was not created by dpo-train.*--overwrite"):
-        prepare_output_dir(out, resume=False, overwrite=False, log=print)
-    assert not (out / ".dpo-train").exists()
-    removed = []
-    prepare_output_dir(out, resume=False, overwrite=True, log=removed.append)
-    assert sorted(p.name for p in out.iterdir()) == [".dpo-train", "notes.txt"]
-    assert (outside / "weights.bin").read_text() == "keep"  # the link went, not what it points to
-    assert len(removed) == 2
+    with pytest.raises(CheckpointError, match=r"not created by dpo-train, and it holds metrics.jsonl, adapter, "
+                                              r"names a run writes"):
+        prepare(out, overwrite=True)
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n' and (out / "adapter").is_symlink()
+    assert (outside / "weights.bin").read_text() == "keep"
 
 
 def test_a_previous_run_needs_resume_or_overwrite(tmp_path):
     out = tmp_path / "run"
-    prepare_output_dir(out, resume=False, overwrite=False, log=print)
-    (out / "metrics.jsonl").write_text("")
+    directory = prepare(out)
+    directory.write_text("metrics.jsonl", "", "metrics")
     with pytest.raises(CheckpointError, match="holds a previous dpo-train run: continue it with --resume"):
-        prepare_output_dir(out, resume=False, overwrite=False, log=print)
-    prepare_output_dir(out, resume=True, overwrite=False, log=print)
+        prepare(out)
+    prepare(out, resume=True)
     with pytest.raises(CheckpointError, match="pass one"):
-        prepare_output_dir(out, resume=True, overwrite=True, log=print)
+        prepare(out, resume=True, overwrite=True)
     (tmp_path / "file").write_text("")
     with pytest.raises(CheckpointError, match="is a file"):
-        prepare_output_dir(tmp_path / "file", resume=False, overwrite=False, log=print)
+        prepare(tmp_path / "file")
 
 
-def test_remove_inside_never_reaches_outside_its_root(tmp_path):
-    root = tmp_path / "root"
-    (root / "sub").mkdir(parents=True)
-    (tmp_path / "victim").write_text("x")
-    for bad in (root / ".." / "victim", root / "sub" / "..", tmp_path / "victim", root / "sub" / "deeper"):
-        with pytest.raises(CheckpointError, match="refusing to delete"):
-            remove_inside(root, bad)
-    assert (tmp_path / "victim").exists()
-    remove_inside(root, root / "sub")
-    assert not (root / "sub").exists()
+def test_overwrite_refuses_when_a_user_file_sits_inside_an_old_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    save(out, make_parts(seed=0), step=1)
+    (out / "checkpoints" / "step-000001" / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"checkpoints/step-000001/notes.txt inside the previous run's "
+                                              r"checkpoints were not written by dpo-train"):
+        prepare(out, overwrite=True)
+    assert (out / "checkpoints" / "step-000001" / "manifest.json").is_file()  # refused before deleting anything
+
+
+def test_the_dry_run_check_writes_nothing_and_says_what_would_happen(tmp_path):
+    out = tmp_path / "run"
+    assert check_output_dir(out, resume=None, overwrite=False) == f"{out}: new folder; the run starts"
+    assert not out.exists()
+    save(out, make_parts(seed=0), step=1)
+    before = sorted(p.name for p in out.rglob("*"))
+    with pytest.raises(CheckpointError, match="holds a previous dpo-train run"):
+        check_output_dir(out, resume=None, overwrite=False)
+    assert "--overwrite deletes the" in check_output_dir(out, resume=None, overwrite=True)
+    assert check_output_dir(out, resume=True, overwrite=False) == f"{out}: the run resumes"
+    assert sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_resume_skips_damaged_checkpoints_naming_them_and_refuses_when_none_is_left(tmp_path):
+    out = tmp_path / "run"
+    parts = make_parts(seed=0)
+    for step in (1, 2, 3):
+        save(out, parts, step=step)
+    (out / "checkpoints" / "step-000003" / "manifest.json").write_text('{"format": ')  # truncated
+    (out / "checkpoints" / "step-000002" / "state.json").write_text("{}")  # does not match its manifest
+    messages = []
+    assert find_checkpoint(out, True, messages.append).step == 1
+    assert [m.split(": ")[3] for m in messages] == [str(out / "checkpoints" / "step-000003" / "manifest.json"),
+                                                    str(out / "checkpoints" / "step-000002" / "state.json")]
+    assert scan_checkpoints(out)[1][0][0] == out / "checkpoints" / "step-000003"
+    (out / "checkpoints" / "step-000001" / "run.json").unlink()
+    with pytest.raises(CheckpointError, match=r"(?s)no usable checkpoint .*step-000003.*step-000002.*step-000001"):
+        find_checkpoint(out, True, messages.append)
+    assert find_checkpoint(tmp_path / "empty", True) is None  # nothing at all: the run starts from step 0
+
+
+def test_cleaning_removes_what_a_killed_run_left_and_only_that(tmp_path):
+    out = tmp_path / "run"
+    parts = make_parts(seed=0)
+    for step in (1, 2):
+        save(out, parts, step=step)
+    directory = RunDirectory.read(out)
+    (out / "checkpoints" / "step-000001" / "manifest.json").unlink()  # a rotation cut short
+    (out / "checkpoints" / "step-000001" / "notes.txt").write_text("mine")
+    directory.record(scratch=["checkpoints/.tmp-step-000003"])  # a save cut short
+    (out / "checkpoints" / ".tmp-step-000003").mkdir()
+    (out / "checkpoints" / ".tmp-step-000003" / "rng.json").write_text("{}")
+    (out / "checkpoints" / ".tmp-step-000009").mkdir()  # not recorded: not dpo-train's
+    messages = []
+    clean_incomplete_checkpoints(directory, messages.append)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [".tmp-step-000009", "step-000001",
+                                                                       "step-000002"]
+    assert [p.name for p in (out / "checkpoints" / "step-000001").iterdir()] == ["notes.txt"]
+    assert "kept checkpoints/step-000001/notes.txt (not written by dpo-train)" in messages[-1]
+    assert load_checkpoint(out / "checkpoints" / "step-000002").step == 2
 
 
 def test_rewind_metrics_drops_records_after_the_step_and_a_torn_last_line(tmp_path):

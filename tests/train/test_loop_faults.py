@@ -24,17 +24,13 @@ import dpo.train.checkpoint as ckpt
 import dpo.train.setup as train_setup
 from dpo.cli import main
 from dpo.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from tests.helpers import build_tiny_model, write_pairs, write_recipe
+from tests.helpers import Crash, build_tiny_model, crash_at_micro_batch, write_pairs, write_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 # 18 pairs in micro-batches of 4 make 5 per epoch (the last of 2 pairs); with grad_accum 2 an epoch has
 # 2 steps and step 3 takes the last micro-batch of epoch 0 and the first of epoch 1. 2 epochs: 4 steps.
 TRAIN = {"epochs": 2, "batch_size": 4, "grad_accum": 2, "lr": 0.003, "warmup_steps": 1, "log_every": 1,
          "seed": 3, "save_every": 1, "keep_last": 10}
-
-
-class Crash(Exception):
-    """Stands for the process dying (power cut, OOM kill) at the point it is raised."""
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -102,21 +98,6 @@ def uninterrupted(tmp_path_factory, assets) -> dict:
     main([str(make_recipe(directory, assets))])
     out = directory / "out"
     return {"metrics": comparable_metrics(out), "state": final_state(out)}
-
-
-def crash_at_micro_batch(monkeypatch, number: int) -> None:
-    """Make the ``number``-th training micro-batch (counted from 1) crash the run."""
-    real = train_setup.batch_loss
-    seen = []
-
-    def batch_loss(policy, *args):
-        if policy.training:
-            seen.append(1)
-            if len(seen) == number:
-                raise Crash(f"killed at micro-batch {number}")
-        return real(policy, *args)
-
-    monkeypatch.setattr(train_setup, "batch_loss", batch_loss)
 
 
 def crash_while_writing(monkeypatch, step: int, write: int) -> None:
@@ -194,19 +175,25 @@ def test_resume_with_changed_data_is_refused_but_moved_data_is_not(tmp_path, ass
     assert "reference.train: reference log-probs" in err  # they were computed from the old data
 
 
-def test_a_damaged_checkpoint_is_named_and_an_earlier_one_resumes_exactly(tmp_path, assets, uninterrupted, capsys):
+def test_a_damaged_checkpoint_is_named_and_skipped_and_an_earlier_one_resumes_exactly(tmp_path, assets, uninterrupted,
+                                                                                      capsys):
     recipe = make_recipe(tmp_path, assets)
     main([str(recipe)])
     damaged = tmp_path / "out" / "checkpoints" / "step-000004" / "optimizer.safetensors"
     data = bytearray(damaged.read_bytes())
     data[-1] ^= 0xFF
     damaged.write_bytes(bytes(data))
-    code, err = run_cli_error([str(recipe), "--resume"], capsys)
+    code, err = run_cli_error([str(recipe), "--resume", str(damaged.parent)], capsys)  # named: refused
     assert code == 2 and f"{damaged}: content does not match the manifest's SHA-256" in err
     code, err = run_cli_error([str(recipe), "--resume", str(tmp_path / "nowhere")], capsys)
     assert code == 2 and "no such checkpoint folder" in err
-    main([str(recipe), "--resume", str(tmp_path / "out" / "checkpoints" / "step-000001")])
+    main([str(recipe), "--resume"])  # the newest valid one, saying which it skipped
+    out = capsys.readouterr().out
+    assert f"warning: --resume: skipped a damaged checkpoint: {damaged}: content does not match" in out
+    assert f"resumed from {tmp_path / 'out' / 'checkpoints' / 'step-000003'}" in out
     assert_same_run(tmp_path / "out", uninterrupted)  # the damaged step-4 checkpoint was written anew
+    main([str(recipe), "--resume", str(tmp_path / "out" / "checkpoints" / "step-000001")])
+    assert_same_run(tmp_path / "out", uninterrupted)
 
 
 def test_output_directory_rules_from_the_command_line(tmp_path, assets, capsys):

@@ -72,9 +72,9 @@ def test_a_run_with_tensorboard_writes_the_metrics_jsonl_records_as_scalars(tmp_
 
 
 def test_tensorboard_without_the_package_is_an_error_naming_the_key(tmp_path, monkeypatch, capsys):
-    import dpo.train.loop
+    import dpo.train.metric_log
 
-    monkeypatch.setattr(dpo.train.loop, "tensorboard_available", lambda: False)
+    monkeypatch.setattr(dpo.train.metric_log, "tensorboard_available", lambda: False)
     recipe = tiny_recipe(tmp_path, output={"tensorboard": True})
     with pytest.raises(SystemExit) as info:
         main([str(recipe)])
