@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -154,6 +155,45 @@ def test_overwrite_deletes_exactly_what_the_previous_run_wrote(tmp_path, assets,
     assert {k: v for k, v in snapshot(out).items() if k in user} == user  # every user file, byte for byte
     marker = json.loads((out / ".dpo-train").read_text())["written"]
     assert "adapter/mine.bin" not in marker["files"] and "adapter/adapter_model.safetensors" in marker["files"]
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [0, 1, 2, 2]
+
+
+def as_written_before_markers_recorded_paths(out: Path) -> None:
+    """Give ``out`` the marker an earlier dpo-train wrote: its name and version, no record of paths."""
+    (out / ".dpo-train").write_text(json.dumps({"created_by": "dpo-train", "version": "0.1.0"}) + "\n")
+
+
+def test_a_run_an_earlier_version_started_resumes_and_its_user_files_survive(tmp_path, assets, capsys):
+    out = tmp_path / "out"
+    recipe = make_recipe(tmp_path / "recipe.yaml", assets, out=out, max_steps=3, keep_last=2)
+    main([str(recipe)])
+    uninterrupted = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    # Stopped after step 2: the step-3 checkpoint and the final outputs were never written.
+    for path in ("checkpoints/step-000003", "adapter", "final_metrics.json"):
+        shutil.rmtree(out / path) if (out / path).is_dir() else (out / path).unlink()
+    as_written_before_markers_recorded_paths(out)
+    (out / "checkpoints" / "important.txt").write_text("keep\n")
+    code, stdout, err = run_cli([str(recipe), "--resume"], capsys)
+    assert code == 0, err
+    assert "resumed from" in stdout and "step-000002" in stdout
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == uninterrupted
+    assert (out / "checkpoints" / "important.txt").read_text() == "keep\n"
+    # Rotation (keep_last 2) removed the adopted step-1 checkpoint, which its manifest proved dpo-train's.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["important.txt", "step-000002", "step-000003"]
+
+
+def test_overwrite_of_a_run_an_earlier_version_wrote_deletes_only_what_it_provably_wrote(tmp_path, assets, capsys):
+    out = tmp_path / "out"
+    recipe = make_recipe(tmp_path / "recipe.yaml", assets, out=out)
+    main([str(recipe)])
+    as_written_before_markers_recorded_paths(out)
+    (out / "adapter" / "mine.bin").write_bytes(b"user weights")
+    (out / "checkpoints" / "step-000099").mkdir()  # no manifest: not provably dpo-train's
+    (out / "checkpoints" / "step-000099" / "notes.txt").write_text("keep\n")
+    code, stdout, err = run_cli([str(recipe), "--overwrite"], capsys)
+    assert code == 0, err
+    assert (out / "adapter" / "mine.bin").read_bytes() == b"user weights"
+    assert (out / "checkpoints" / "step-000099" / "notes.txt").read_text() == "keep\n"
     assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [0, 1, 2, 2]
 
 

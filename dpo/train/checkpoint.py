@@ -47,6 +47,8 @@ from dpo.files import sync_dir as _sync_dir
 from dpo.files import sync_file as _sync_file
 from dpo.train.metric_log import require_tensorboard
 from dpo.train.output_dir import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_MANIFEST,
     CHECKPOINTS_DIR,
     LOCK_FILE,
     MARKER,
@@ -60,8 +62,8 @@ from dpo.train.output_dir import (
 
 Log = Callable[[str], None]
 
-MANIFEST = "manifest.json"
-FORMAT = "dpo-train-checkpoint"
+MANIFEST = CHECKPOINT_MANIFEST
+FORMAT = CHECKPOINT_FORMAT
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TRASH_PREFIX = ".old-"

@@ -34,7 +34,8 @@ LOCK_FILE = ".dpo-train.lock"
 CHECKPOINTS_DIR = "checkpoints"
 # The names a run writes directly inside its output directory.
 RUN_FILES = ("recipe.yaml", "metrics.jsonl", "final_metrics.json")
-RUN_DIRS = ("adapter", CHECKPOINTS_DIR, TENSORBOARD_DIR)
+ADAPTER_DIR = "adapter"
+RUN_DIRS = (ADAPTER_DIR, CHECKPOINTS_DIR, TENSORBOARD_DIR)
 RUN_OUTPUTS = RUN_FILES + RUN_DIRS
 
 
@@ -100,11 +101,49 @@ class RunDirectory:
         if not isinstance(data, dict) or data.get("created_by") != "dpo-train":
             raise CheckpointError(f"{marker}: not a dpo-train marker; delete it only if this folder holds no "
                                   "dpo-train run")
+        if "written" not in data:
+            return cls.adopt_unrecorded(root)
         written = data.get("written") if isinstance(data.get("written"), dict) else {}
         lists = {key: written.get(key, []) for key in ("files", "dirs", "scratch")}
         if not all(isinstance(value, list) for value in lists.values()):
             raise CheckpointError(f"{marker}: its record of written paths is damaged")
         return cls(root, *({_valid_relative(p, marker) for p in lists[key]} for key in ("files", "dirs", "scratch")))
+
+    @classmethod
+    def adopt_unrecorded(cls, root: Path) -> RunDirectory:
+        """The record of a folder whose marker an earlier dpo-train wrote before markers recorded paths.
+
+        Such a run can still be resumed (or overwritten), so what it provably wrote is adopted: the run files
+        (``recipe.yaml``, ``metrics.jsonl``, ``final_metrics.json``), each checkpoint folder with a readable
+        dpo-train manifest and exactly the files that manifest lists, the files a saved adapter and tokenizer
+        consist of, and TensorBoard event files. Anything else there (a file of the user's inside
+        ``adapter/``, a checkpoint folder without a manifest) is not adopted, so it is never deleted. The
+        record is written in the current format at the next change.
+        """
+        directory = cls(root)
+        regular = [name for name in RUN_FILES if directory._is_regular(name)]
+        directory.files.update(regular)
+        for folder, keep in ((ADAPTER_DIR, _is_adapter_file), (TENSORBOARD_DIR, _is_event_file)):
+            names = [entry.name for entry in _scan(root / folder) if keep(entry.name)]
+            names = [name for name in names if directory._is_regular(f"{folder}/{name}")]
+            if names:
+                directory.dirs.add(folder)
+                directory.files.update(f"{folder}/{name}" for name in names)
+        for entry in _scan(root / CHECKPOINTS_DIR):
+            listed = _manifest_files(root / CHECKPOINTS_DIR / entry.name)
+            if listed is None:
+                continue
+            relative = f"{CHECKPOINTS_DIR}/{entry.name}"
+            names = [name for name in [*listed, CHECKPOINT_MANIFEST] if directory._is_regular(f"{relative}/{name}")]
+            directory.dirs.add(CHECKPOINTS_DIR)
+            directory.dirs.update({relative} | {f"{relative}/{parent.as_posix()}" for name in names
+                                                for parent in PurePosixPath(name).parents if parent.as_posix() != "."})
+            directory.files.update(f"{relative}/{name}" for name in names)
+        return directory
+
+    def _is_regular(self, relative: str) -> bool:
+        status = self._lstat(relative)
+        return status is not None and stat.S_ISREG(status.st_mode)
 
     @classmethod
     def create(cls, root: Path) -> RunDirectory:
@@ -306,6 +345,55 @@ class RunDirectory:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+
+# ------------------------------------------------------------- what an earlier version's run wrote
+
+# A checkpoint's manifest (dpo.train.checkpoint writes it, and takes these names from here).
+CHECKPOINT_MANIFEST = "manifest.json"
+CHECKPOINT_FORMAT = "dpo-train-checkpoint"
+# The files peft's save_pretrained and a tokenizer's save_pretrained write into a saved adapter folder.
+_ADAPTER_FILES = ("README.md", "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt",
+                  "added_tokens.json")
+
+
+def _is_adapter_file(name: str) -> bool:
+    return name.startswith(("adapter_", "tokenizer")) or name in _ADAPTER_FILES
+
+
+def _is_event_file(name: str) -> bool:
+    return name.startswith("events.out.tfevents.")
+
+
+def _scan(folder: Path) -> list[os.DirEntry]:
+    """The entries of a real folder (not a symlink to one), sorted by name; [] where there is none."""
+    try:
+        if folder.is_symlink() or not folder.is_dir():
+            return []
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda entry: entry.name)
+    except OSError:
+        return []
+
+
+def _manifest_files(folder: Path) -> list[str] | None:
+    """The files a checkpoint folder's dpo-train manifest lists, or None where it has no readable one."""
+    if folder.is_symlink() or not folder.is_dir():
+        return None
+    try:
+        manifest = json.loads((folder / CHECKPOINT_MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if manifest.get("format") != CHECKPOINT_FORMAT or not isinstance(files, dict):
+        return None
+    names = []
+    for name in files:
+        path = PurePosixPath(name) if isinstance(name, str) else None
+        if path is None or path.is_absolute() or not path.parts or any(p in ("", ".", "..") for p in path.parts):
+            return None
+        names.append(path.as_posix())
+    return names
 
 
 # ------------------------------------------------------------------------------------------- checks
