@@ -588,6 +588,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     tree = load_recipe_tree(path)
     if not isinstance(tree, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections (model, data, ...)")
+    if "models" in tree and "model" not in tree:  # the sections of a compare file (dpo.compare.config)
+        raise RecipeError(f"{path} is a compare file (it lists models to compare), not a training recipe: run it "
+                          f"with `dpo-train compare {path}`")
     for text in overrides:
         key, value = parse_override(text)
         _set_path(tree, key, value)

@@ -75,6 +75,7 @@ class RunDirectory:
         dirs: folders created here.
         scratch: temporary folders created here; everything inside them is dpo-train's.
         lock: the run lock while a run holds the directory.
+        created: the run holding it created the folder (it did not exist before).
     """
 
     root: Path
@@ -82,6 +83,7 @@ class RunDirectory:
     dirs: set[str] = field(default_factory=set)
     scratch: set[str] = field(default_factory=set)
     lock: FileLock | None = None
+    created: bool = False
 
     # ----------------------------------------------------------------------------------- the marker
 
@@ -337,6 +339,17 @@ class RunDirectory:
         for top in sorted({PurePosixPath(p).parts[0] for p in self.files | self.dirs | self.scratch}):
             kept += self.remove(top)
         return count, kept
+
+    def discard(self) -> None:
+        """Delete everything recorded, for a fresh run that stopped before it produced anything (its inputs
+        did not load); a folder the run created goes too, marker and lock included, if nothing else is in it."""
+        self.remove_all()
+        if not self.created or any(entry not in (MARKER, LOCK_FILE) for entry in os.listdir(self.root)):
+            return
+        for name in (MARKER, LOCK_FILE):
+            with writing(self.root / name, "output directory"):
+                os.unlink(self.root / name)
+        os.rmdir(self.root)
 
     # ----------------------------------------------------------------------------------------- lock
 
