@@ -53,7 +53,10 @@ def root_help(commands) -> str:
     width = max(len(name) for name in commands) + 2
     lines = [f"dpo-train {_version('dpo-train')}: offline preference optimization (DPO, IPO, KTO, ...) on "
              "LoRA/QLoRA adapters.", "",
-             "Usage: dpo-train RECIPE [OPTIONS]           train with a recipe (same as: dpo-train train RECIPE)",
+             "Usage: dpo-train RECIPE [--set KEY.PATH=VALUE ...] [--dry-run] [--resume [PATH]] [--overwrite] "
+             "[--verbose]",
+             "         train with a recipe (the same as `dpo-train train RECIPE`; `dpo-train train --help` lists "
+             "every option)",
              "       dpo-train COMMAND [ARGS] [OPTIONS]", "", "Commands:"]
     for name, command in commands.items():
         if command.hidden:
@@ -362,6 +365,25 @@ def compare_command(
         run_compare(loaded, source=str(config), log=typer.echo)
     except (*_user_errors(), CompareError) as exc:
         _fail(str(exc))
+
+
+@app.command("plot", epilog="Example: dpo-train plot runs/quickstart-dpo runs/quickstart-ipo --out dpo-vs-ipo.png")
+def plot_command(
+    runs: Annotated[list[Path], typer.Argument(metavar="RUN...", help="Run folders (each a run's output.dir, "
+                                               "holding metrics.jsonl).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="PNG file to write.")] = Path("curves.png"),
+) -> None:
+    """Draw the training curves of one or more runs on the same axes (loss, accuracy, rewards, ...).
+
+    Each run also draws its own OUT/curves.png at every evaluation and at its end.
+    """
+    from dpo.train.curves import plot_runs
+
+    try:
+        path = plot_runs(runs, out)
+    except (ValueError, *_user_errors()) as exc:
+        _fail(str(exc))
+    typer.echo(f"curves of {len(runs)} run(s) written to {path}")
 
 
 def resume_latest_when_bare(args: list[str]) -> list[str]:

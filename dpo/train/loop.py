@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from dpo.files import WriteFailed
 from dpo.recipe import Recipe, RecipeError, TrainConfig
 from dpo.reference import length_sorted_batches
+from dpo.train import curves
 from dpo.train.checkpoint import (
     LoopState,
     StopSignals,
@@ -416,6 +417,8 @@ def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume:
                     metrics = evaluate(step_module, eval_loader, loss_fn, device, gather)
                     metric_log.write({"split": "eval", "step": loop.step, **metrics})
                     log(describe_eval(f"step {loop.step}", metrics))
+                    if is_main:
+                        curves.write_run_curves(run_dir, log)
                 if too_many_bad:
                     kept = (f"the last good checkpoint is {last_checkpoint}; resume from it with --resume once the "
                             "cause is fixed" if last_checkpoint else "no checkpoint was written before them")
@@ -445,6 +448,8 @@ def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume:
         log(describe_eval("after training", after))
         metric_log.write({"split": "eval", "step": loop.step, **after})
     metric_log.close()
+    if is_main:
+        curves.write_run_curves(run_dir, log)
     adapter_dir = out_dir / "adapter"
     summary = {"eval_before": loop.eval_before, "eval_after": after, "steps": loop.step}
     if is_main:
