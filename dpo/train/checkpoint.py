@@ -45,7 +45,6 @@ from torch import Tensor
 from dpo.files import TEMP_PREFIX, sha256_of_file, write_text_atomic, writing
 from dpo.files import sync_dir as _sync_dir
 from dpo.files import sync_file as _sync_file
-from dpo.train.metric_log import require_tensorboard
 from dpo.train.output_dir import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_MANIFEST,
@@ -59,6 +58,7 @@ from dpo.train.output_dir import (
     take_lock,
     taken_outputs,
 )
+from dpo.train.trackers import require_trackers
 
 Log = Callable[[str], None]
 
@@ -71,7 +71,7 @@ _TRASH_PREFIX = ".old-"
 # Recipe keys that cannot change the trained result (logging, saving, where things go), so a resume
 # ignores them.
 IGNORED_ON_RESUME = frozenset({
-    "output.dir", "train.log_every", "train.eval_every", "train.save_every",
+    "output.dir", "output.report_to", "output.project", "output.tensorboard", "train.log_every", "train.eval_every", "train.save_every",
     "train.keep_last", "train.max_bad_steps", "data.num_proc", "data.cache_dir", "reference.batch_size",
     "reference.cache_dir", "reference.verify",
 })
@@ -379,7 +379,7 @@ def preflight(recipe, *, resume: str | Path | bool | None = None, overwrite: boo
 
     from dpo.train.inputs import check_inputs
 
-    require_tensorboard(recipe.output.tensorboard)
+    require_trackers(recipe.output)
     check_inputs(recipe)
     out_dir = Path(recipe.output.dir)
     lines = [check_output_dir(out_dir, resume=resume, overwrite=overwrite, inputs=run_inputs(recipe, recipe_file))]

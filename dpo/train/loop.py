@@ -46,10 +46,12 @@ from dpo.train.checkpoint import (
 )
 from dpo.train.console import RunConsole, format_train_line
 from dpo.train.inputs import check_inputs
-from dpo.train.metric_log import MetricLog, require_tensorboard
+from dpo.train.metric_log import MetricLog
 from dpo.train.parallel import average_gradients, broadcast_parameters, merge_sums, shard
 from dpo.train.plan import plan_steps, warmup_steps
+from dpo.train.run_files import RUN_README, model_card, run_readme, set_adapter_base
 from dpo.train.setup import preference_setup, reward_setup
+from dpo.train.trackers import require_trackers
 
 Log = Callable[[str], None]
 Gather = Callable[[object], list]
@@ -213,7 +215,7 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
 
     console = console if console is not None else RunConsole(log, verbose=True)
     log = console.log
-    require_tensorboard(recipe.output.tensorboard)
+    require_trackers(recipe.output)
     check_inputs(recipe)  # every path the run reads, before anything is created
     accelerator = Accelerator(gradient_accumulation_steps=recipe.train.grad_accum,
                               mixed_precision="fp16" if recipe.train.loss_scaler else "no",
@@ -275,6 +277,7 @@ def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume:
             run_dir.discard()  # a fresh run that could not load its inputs leaves nothing behind
         raise
     model, step_module, loss_fn = setup.model, setup.step_module, setup.loss_fn
+    set_adapter_base(model, recipe.model.path)  # adapter_config.json names the base by its absolute path
     run = run_record(recipe_tree, setup.fingerprints, world)
     if checkpoint is not None:
         check_resume(run_differences(checkpoint.run, run), checkpoint, force, log)
@@ -282,6 +285,7 @@ def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume:
             log(f"warning: resuming with {note}; the result may differ in the last bits")
     if is_main:
         run_dir.write_text("recipe.yaml", recipe.to_yaml(), "resolved recipe")
+        run_dir.write_text(RUN_README, run_readme(recipe), "run README")
     metrics_path = out_dir / "metrics.jsonl"  # written through MetricLog, by the main process only
 
     # 2. Optimizer, schedule, data order.
@@ -340,8 +344,9 @@ def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume:
     else:
         loop = LoopState()
     # Events are flushed record by record, so a run that stops early loses none of them.
-    metric_log = MetricLog(out_dir, tensorboard=recipe.output.tensorboard, enabled=is_main, run_dir=run_dir,
-                           resumed_step=loop.step if checkpoint is not None else None)
+    metric_log = MetricLog(out_dir, trackers=recipe.output.trackers(), enabled=is_main, run_dir=run_dir,
+                           resumed_step=loop.step if checkpoint is not None else None,
+                           project=recipe.output.project, config=recipe_tree)
     if checkpoint is None:
         loop.eval_before = evaluate(step_module, eval_loader, loss_fn, device, gather) if has_eval else {}
         if loop.eval_before:
@@ -456,10 +461,14 @@ def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume:
         def save_adapter(folder: Path) -> None:
             model.save_pretrained(folder, safe_serialization=True)
             setup.tokenizer.save_pretrained(folder)
+            # peft's README.md is a template to fill in; this one is filled in.
+            (folder / "README.md").write_text(model_card(recipe, summary, setup.fingerprints, setup.headline),
+                                              encoding="utf-8")
 
         run_dir.write_folder("adapter", save_adapter, "adapter",
                              needed=sum(p.numel() * p.element_size() for p in params))
         run_dir.write_text("final_metrics.json", json.dumps(summary, indent=2), "final metrics")
+        run_dir.write_text(RUN_README, run_readme(recipe, summary), "run README")
     key, label = setup.headline
     if key in loop.eval_before and key in after:
         log(f"{label}: {loop.eval_before[key]:.3f} before -> {after[key]:.3f} after training")
