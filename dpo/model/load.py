@@ -116,8 +116,11 @@ def load_base_model(config: ModelConfig, path: str | None = None, device: torch.
         hint = "" if Path(source).exists() else " (no such local directory; as a hub id it needs the network)"
         raise ModelError(f"model.path: cannot load {source!r}{hint}: {exc}; set model.path to a local Hugging Face "
                          "model folder (config.json, weights, tokenizer): --set model.path=/path/to/model") from None
-    except ImportError as exc:
-        if quant is None:
+    except Exception as exc:
+        if type(exc).__name__ == "SafetensorError":  # safetensors' own error type: a damaged weights file
+            raise ModelError(f"model.path: a weights file of {source} is damaged ({exc}); copy or download the "
+                             "model again") from None
+        if not isinstance(exc, ImportError) or quant is None:
             raise
         raise ModelError(f"model.quantization: loading a {config.quantization.bits}-bit base needs bitsandbytes "
                          f"(pip install 'dpo-train[quant]'): {exc}") from None

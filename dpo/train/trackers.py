@@ -122,7 +122,16 @@ def start_trackers(names: list[str], out_dir: Path, *, project: str = "dpo-train
                     run_dir.record(scratch=["mlflow"])
                 # MLflow 3 keeps its file store working only when asked to; it needs no server or database.
                 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-                mlflow.set_tracking_uri((out_dir / "mlflow").resolve().as_uri())
+                uri = (out_dir / "mlflow").resolve().as_uri()
+                # The store's folder is laid out here: MLflow keeps one store object per address, which does not
+                # lay it out again after --overwrite removed it (a second run in the same process).
+                from mlflow.store.tracking.file_store import FileStore
+
+                FileStore(uri)
+                mlflow.set_tracking_uri(uri)
+                # set_tracking_uri also exports MLFLOW_TRACKING_URI; a later run in this process (and the test
+                # suite's) must find it as the user left it.
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
             tracker = MLflowTracker(project, run_name=run_name)
             tracker.start()
             if settings:
