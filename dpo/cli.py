@@ -315,15 +315,18 @@ def merge_command(
     dtype: Annotated[str, typer.Option("--dtype", help="Weights of the merged model: bf16, fp16 or fp32.")] = "bf16",
     base: Annotated[str | None, typer.Option("--base", help="The base model, if not at the recipe's model.path.")
                     ] = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Merge a run's LoRA adapter into its full-precision base; saves a standard Hugging Face model directory.
 
     The merged model's log-probs are checked against the adapter's on sample sequences before anything is saved.
     """
     from dpo.model import MergeError, merge_run
+    from dpo.train.console import RunConsole
 
     try:
-        merge_run(run_dir, out, dtype=dtype, base_path=base, log=typer.echo)
+        with RunConsole(typer.echo, verbose=verbose) as console:
+            merge_run(run_dir, out, dtype=dtype, base_path=base, log=console.log)
     except (MergeError, *_user_errors()) as exc:
         _fail(str(exc))
 
@@ -337,16 +340,19 @@ def score_command(
     out: Annotated[Path | None, typer.Option("--out", help="JSON-lines file to write (default: NAME.scores.jsonl "
                                              "beside the data file).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Rows per forward pass.")] = 16,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Score each (prompt, completion) row with a trained reward model; writes each row with a `score` field."""
     import torch
 
     from dpo.reward import load_reward_run, score_file
+    from dpo.train.console import RunConsole
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        run = load_reward_run(reward_model, device)
-        score_file(run, data, out, batch_size, device, log=typer.echo)
+        with RunConsole(typer.echo, verbose=verbose) as console:
+            run = load_reward_run(reward_model, device)
+            score_file(run, data, out, batch_size, device, log=console.log)
     except _user_errors() as exc:
         _fail(str(exc))
 
@@ -356,13 +362,16 @@ def compare_command(
     config: Annotated[Path, typer.Argument(help="Compare file (see recipes/compare-quickstart.yaml).",
                                            show_default=False)],
     set_: CompareSetOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Compare models side by side: reward, win rate, preference accuracy, KL drift, length, diversity."""
     from dpo.compare import CompareError, load_compare_config, run_compare
+    from dpo.train.console import RunConsole
 
     try:
         loaded = load_compare_config(config, set_ or [])
-        run_compare(loaded, source=str(config), log=typer.echo)
+        with RunConsole(typer.echo, verbose=verbose) as console:
+            run_compare(loaded, source=str(config), log=console.log)
     except (*_user_errors(), CompareError) as exc:
         _fail(str(exc))
 

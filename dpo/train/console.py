@@ -6,7 +6,7 @@ bar, never glued to it) and, once the output directory is ready, to ``OUT/train.
 run before that (loading, tokenizing) are kept and written first. Used as a context manager it also
 quiets the libraries for its duration: their Python warnings and ``logging`` records (transformers,
 datasets, peft, accelerate, bitsandbytes, ...) go to ``train.log`` instead of the terminal, and their
-progress bars (transformers' "Loading weights", datasets' map bars) are off. ``--verbose`` shows all of
+progress bars (transformers' "Loading weights", the hub's downloads) are off. ``--verbose`` shows all of
 them as they come. At the end one line says how many were kept out of the terminal.
 
 Every ``train.log_every`` steps the loop writes one aligned line (:func:`format_train_line`)::
@@ -263,8 +263,9 @@ class RunConsole:
         self.library(f"{category.__name__} ({Path(filename).name}:{lineno}): {message}")
 
     def _bars_off(self) -> None:
-        """Turn off the libraries' progress bars (transformers' weight loading, datasets' map, the hub's
-        downloads), where those libraries are installed; turned back on at exit."""
+        """Turn off the libraries' progress bars (transformers' weight loading, the hub's downloads), where
+        those libraries are installed; turned back on at exit. datasets' bars stay: they show the progress of
+        tokenizing the data, which takes minutes on a large set."""
         try:
             from transformers.utils import logging as transformers_logging
 
@@ -272,14 +273,6 @@ class RunConsole:
             if transformers_logging.is_progress_bar_enabled():
                 transformers_logging.disable_progress_bar()
                 self._restore.append(transformers_logging.enable_progress_bar)
-        except ImportError:
-            pass
-        try:
-            from datasets.utils import logging as datasets_logging
-
-            if datasets_logging.is_progress_bar_enabled():
-                datasets_logging.disable_progress_bar()
-                self._restore.append(datasets_logging.enable_progress_bar)
         except ImportError:
             pass
         try:
