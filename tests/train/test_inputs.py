@@ -69,13 +69,19 @@ def test_the_shipped_placeholder_model_path_is_one_message_in_dry_run(tmp_path):
     ("reference.model_path", "{tmp}/no-reference", "reference.model_path: {tmp}/no-reference does not exist"),
 ])
 def test_a_missing_input_is_one_message_naming_the_key_and_no_output_folder_is_created(tmp_path, parts, key, value,
-                                                                                          expected):
+                                                                                          expected, capsys):
+    from dpo.cli import main
+
     (tmp_path / "empty-folder").mkdir()
     section, name = key.split(".")
     recipe = recipe_with(tmp_path, parts, **{section: {name: value.format(tmp=tmp_path)}})
-    message = one_message(run_cli(str(recipe)))
-    assert expected.format(tmp=tmp_path) in message and f"{key}" in message
-    assert "set" in message  # says what to do
+    with pytest.raises(SystemExit) as info:  # any other exception would be a traceback
+        main([str(recipe)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0])
+    assert expected.format(tmp=tmp_path) in errors[0] and "set" in errors[0]  # says what to do
     assert not (tmp_path / "out").exists()
 
 
