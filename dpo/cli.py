@@ -292,6 +292,14 @@ def dry_run_report(recipe: Recipe, recipe_file: Path | None = None, resume: str 
     log(f"train examples: {len(data.train)}, eval examples: {len(data.eval)}")
     if recipe.task == "preference":
         log(_memory_section(recipe, data.train))
+    if not paired and len(data.train):  # the run's own KTO check (dpo.train.setup.preference_setup)
+        from dpo.data import kto_balance_warning
+
+        labels, options = data.train["label"], recipe.loss.options()
+        warning = kto_balance_warning(sum(labels), len(labels) - sum(labels), options["desirable_weight"],
+                                      options["undesirable_weight"])
+        if warning:
+            log(f"warning: {warning}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     plan = plan_steps(len(data.train), recipe.train, drop_last=not paired, world=world, has_eval=len(data.eval) > 0)
     log(format_plan(plan, recipe.train, unit="pairs" if paired else "rows"))
