@@ -17,27 +17,132 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from dpo.recipe import Recipe, RecipeError, load_recipe
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+class _DpoTrainGroup(TyperGroup):
+    """The ``dpo-train`` command group: a first argument that is not a command (nor ``-h``, ``--help`` or
+    ``--version``) is a recipe for ``train``, and the root help is one plain page listing every command
+    with its one-line description and an example (the ``Example:`` line of its epilog)."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, resume_latest_when_bare(default_to_train(list(args), self.commands)))
+
+    def format_help(self, ctx, formatter) -> None:
+        formatter.write(root_help(self.commands))
+
+
+app = typer.Typer(cls=_DpoTrainGroup, add_completion=False, no_args_is_help=False, invoke_without_command=True,
+                  pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]},
                   help="Offline preference optimization (DPO, IPO, KTO, ...) on LoRA/QLoRA adapters.")
+ROOT_OPTIONS = ("-h", "--help", "--version")
+
+
+def default_to_train(args: list[str], commands) -> list[str]:
+    """``dpo-train RECIPE ...`` is ``dpo-train train RECIPE ...``: anything first that is not a command name
+    or a root option (``--dry-run recipe.yaml`` too) goes to ``train``."""
+    if args and args[0] not in commands and args[0] not in ROOT_OPTIONS:
+        return ["train", *args]
+    return args
+
+
+def root_help(commands) -> str:
+    """The page ``dpo-train``, ``dpo-train -h`` and ``dpo-train --help`` print."""
+    width = max(len(name) for name in commands) + 2
+    lines = [f"dpo-train {_version('dpo-train')}: offline preference optimization (DPO, IPO, KTO, ...) on "
+             "LoRA/QLoRA adapters.", "",
+             "Usage: dpo-train RECIPE [--set KEY.PATH=VALUE ...] [--dry-run] [--resume [PATH]] [--overwrite] "
+             "[--verbose]",
+             "         train with a recipe (the same as `dpo-train train RECIPE`; `dpo-train train --help` lists "
+             "every option)",
+             "       dpo-train COMMAND [ARGS] [OPTIONS]", "", "Commands:"]
+    for name, command in commands.items():
+        if command.hidden:
+            continue
+        lines.append(f"  {name:<{width}}{command.get_short_help_str(limit=200)}")
+        example = command_example(command)
+        if example:
+            lines.append(f"  {'':<{width}}  e.g. {example}")
+    lines += ["", "Options:",
+              "  -h, --help  Show this page and exit (`dpo-train COMMAND --help` explains a command's options).",
+              "  --version   Print the versions of dpo-train and of the libraries it runs on, and whether CUDA is "
+              "available.", ""]
+    return "\n".join(lines)
+
+
+def command_example(command) -> str | None:
+    """The example of a command: the text after ``Example:`` in its epilog."""
+    epilog = command.epilog or ""
+    return epilog.split("Example:", 1)[1].strip() if "Example:" in epilog else None
+
+
+def _version(distribution: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def version_report() -> str:
+    """What ``dpo-train --version`` prints: dpo-train, Python and each library's version, and CUDA."""
+    rows = [("dpo-train", _version("dpo-train")), ("python", sys.version.split()[0])]
+    rows += [(name, _version(name)) for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes",
+                                                 "triton")]
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
+            cuda = (f"available: {torch.cuda.device_count()} device(s), {', '.join(names)} (CUDA "
+                    f"{torch.version.cuda})")
+        else:
+            built = torch.version.cuda
+            cuda = (f"not available (torch built for CUDA {built}, but no device is visible)" if built
+                    else "not available (a CPU-only torch build)")
+    except ImportError:
+        cuda = "unknown (torch is not installed)"
+    rows.append(("CUDA", cuda))
+    width = max(len(name) for name, _ in rows) + 2
+    return "\n".join(f"{name:<{width}}{value}" for name, value in rows)
+
 
 @app.callback()
-def _root() -> None:
-    """Offline preference optimization (DPO, IPO, KTO, ...) on LoRA/QLoRA adapters.
+def _root(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option("--version", is_eager=True, help="Print the versions of dpo-train and "
+                                          "of its libraries, and whether CUDA is available.")] = False,
+) -> None:
+    """Offline preference optimization (DPO, IPO, KTO, ...) on LoRA/QLoRA adapters."""
+    if version:
+        typer.echo(version_report())
+        raise typer.Exit(0)
+    if ctx.invoked_subcommand is None:  # bare `dpo-train`: the same page as --help
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0)
 
-    `dpo-train RECIPE` trains; `dpo-train COMMAND --help` explains a command.
-    """
 
-
-RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe (see recipes/ for examples).", show_default=False)]
+RecipeArg = Annotated[Path, typer.Argument(metavar="RECIPE", help="YAML recipe (see recipes/ for examples).",
+                                           show_default=False)]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", metavar="KEY.PATH=VALUE",
                  help="Override one recipe value, e.g. --set loss.beta=0.2 --set train.max_steps=50. "
                       "Values are read as YAML. Repeatable."),
 ]
+
+CompareSetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", metavar="KEY.PATH=VALUE",
+                 help="Override one compare-file value, e.g. --set generation.seed=1 --set models.1.run=runs/x "
+                      "(a number selects a list item). Values are read as YAML. Repeatable."),
+]
+VerboseOpt = Annotated[bool, typer.Option(
+    "--verbose", "-v", help="Show the libraries' own warnings, log messages and progress bars as they come "
+                            "(otherwise they go to output.dir/train.log, with a count at the end).")]
 
 
 def _fail(message: str) -> None:
@@ -87,20 +192,22 @@ def _with_verify(overrides: list[str] | None, verify: int | None) -> list[str]:
     return [*(overrides or []), *([f"reference.verify={verify}"] if verify is not None else [])]
 
 
-def _precompute(recipe: Recipe) -> None:
+def _precompute(recipe: Recipe, log=typer.echo) -> None:
     from dpo.reference import precompute_references
 
-    paths = precompute_references(recipe, log=typer.echo)
+    paths = precompute_references(recipe, log=log)
     for split, path in paths.items():
-        typer.echo(f"reference cache ({split}): {path}")
+        log(f"reference cache ({split}): {path}")
 
 
-@app.command("train")
+@app.command("train", epilog="Example: dpo-train recipes/quickstart.yaml --set train.max_steps=100")
 def train_command(
     recipe: RecipeArg,
     set_: SetOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the recipe, load the tokenizer and data, "
-                                          "print the resolved recipe and token statistics; do not train.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Make every check the run makes (output folder, every "
+                                          "path, loss options, memory plan), load the tokenizer and data, and print "
+                                          "the resolved recipe, token statistics and the plan (steps, epochs, "
+                                          "warmup, evaluations, checkpoints); write nothing, train nothing.")] = False,
     resume: Annotated[str | None, typer.Option(
         "--resume", metavar="[PATH]", show_default=False,
         help="Continue from the latest complete checkpoint in output.dir, or from the checkpoint folder PATH "
@@ -111,24 +218,28 @@ def train_command(
                                             "a previous run's outputs there (nothing else).")] = False,
     precompute_only: PrecomputeOpt = False,
     verify_reference: VerifyOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Train a LoRA adapter with the recipe's loss (the default command: `dpo-train RECIPE`).
 
-    Other commands: cache, merge, score, compare (`dpo-train COMMAND --help` explains each).
+    `dpo-train --help` lists the other commands.
     """
     loaded = _load(recipe, _with_verify(set_, verify_reference))
+    from dpo.train.console import RunConsole
+
     try:
-        with _stopped_by_user():
+        with _stopped_by_user(), RunConsole(typer.echo, verbose=verbose) as console:
             if dry_run:
-                dry_run_report(loaded, recipe_file=recipe, resume=resume, overwrite=overwrite, force=force)
+                dry_run_report(loaded, recipe_file=recipe, resume=resume, overwrite=overwrite, force=force,
+                               log=console.log)
                 return
             if precompute_only:
-                _precompute(loaded)
+                _precompute(loaded, console.log)
                 return
             from dpo.train import TrainingStopped, train
 
             try:
-                train(loaded, log=typer.echo, resume=resume, force=force, overwrite=overwrite, recipe_file=recipe)
+                train(loaded, resume=resume, force=force, overwrite=overwrite, recipe_file=recipe, console=console)
             except TrainingStopped as exc:
                 typer.echo(f"error: {exc}", err=True)
                 raise typer.Exit(code=exc.exit_code) from None
@@ -136,8 +247,9 @@ def train_command(
         _fail(str(exc))
 
 
-@app.command("cache")
-def cache_command(recipe: RecipeArg, set_: SetOpt = None, verify_reference: VerifyOpt = None) -> None:
+@app.command("cache", epilog="Example: dpo-train cache recipes/quickstart.yaml")
+def cache_command(recipe: RecipeArg, set_: SetOpt = None, verify_reference: VerifyOpt = None,
+                  verbose: VerboseOpt = False) -> None:
     """Compute the recipe's reference log-probs into the cache without training.
 
     Files are named by a fingerprint of the reference model, its dtype and quantization, the reference
@@ -145,37 +257,53 @@ def cache_command(recipe: RecipeArg, set_: SetOpt = None, verify_reference: Veri
     given the same cache folder) finds them without running the reference model.
     """
     loaded = _load(recipe, _with_verify(set_, verify_reference))
+    from dpo.train.console import RunConsole
+
     try:
-        with _stopped_by_user():
-            _precompute(loaded)
+        with _stopped_by_user(), RunConsole(typer.echo, verbose=verbose) as console:
+            _precompute(loaded, console.log)
     except _user_errors() as exc:
         _fail(str(exc))
 
 
 def dry_run_report(recipe: Recipe, recipe_file: Path | None = None, resume: str | None = None,
-                   overwrite: bool = False, force: bool = False) -> None:
-    """Print the resolved recipe and what the data looks like once tokenized, after the checks a real run
-    makes before training (output directory and its lock, the checkpoint to resume from, TensorBoard)."""
+                   overwrite: bool = False, force: bool = False, log=typer.echo) -> None:
+    """Print the resolved recipe, what the data looks like once tokenized, the memory estimate and the plan
+    (steps, epochs, warmup, evaluations, checkpoints), after the checks a real run makes before training
+    (every input path, the output directory and its lock, the checkpoint to resume from, TensorBoard)."""
     from dpo.data import prepare_data
     from dpo.losses import get_loss
     from dpo.model import load_tokenizer
     from dpo.train import preflight
+    from dpo.train.plan import format_plan, plan_steps
 
-    typer.echo("# resolved recipe")
-    typer.echo(recipe.to_yaml())
-    typer.echo("# output")
-    typer.echo(preflight(recipe, resume=resume, overwrite=overwrite, force=force, recipe_file=recipe_file))
+    log("# resolved recipe")
+    log(recipe.to_yaml())
+    log("# output")
+    log(preflight(recipe, resume=resume, overwrite=overwrite, force=force, recipe_file=recipe_file))
     spec = get_loss(recipe.loss.name)
+    paired = spec.paired or recipe.task == "reward"
     tokenizer = load_tokenizer(recipe.model)
     margin_column = recipe.reward.margin_column if recipe.task == "reward" else None
-    data = prepare_data(recipe.data, tokenizer, unpaired=not spec.paired, seed=recipe.train.seed, log=typer.echo,
+    data = prepare_data(recipe.data, tokenizer, unpaired=not paired, seed=recipe.train.seed, log=log,
                         margin_column=margin_column)
-    typer.echo(f"# data (layout: {data.layout})")
-    typer.echo(data.stats.format())
-    typer.echo(f"train examples: {len(data.train)}, eval examples: {len(data.eval)}")
+    log(f"# data (layout: {data.layout})")
+    log(data.stats.format())
+    log(f"train examples: {len(data.train)}, eval examples: {len(data.eval)}")
     if recipe.task == "preference":
-        typer.echo(_memory_section(recipe, data.train))
-    typer.echo("dry run: nothing was trained")
+        log(_memory_section(recipe, data.train))
+    if not paired and len(data.train):  # the run's own KTO check (dpo.train.setup.preference_setup)
+        from dpo.data import kto_balance_warning
+
+        labels, options = data.train["label"], recipe.loss.options()
+        warning = kto_balance_warning(sum(labels), len(labels) - sum(labels), options["desirable_weight"],
+                                      options["undesirable_weight"])
+        if warning:
+            log(f"warning: {warning}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    plan = plan_steps(len(data.train), recipe.train, drop_last=not paired, world=world, has_eval=len(data.eval) > 0)
+    log(format_plan(plan, recipe.train, unit="pairs" if paired else "rows"))
+    log("dry run: nothing was trained")
 
 
 def _memory_section(recipe: Recipe, train_rows) -> str:
@@ -187,7 +315,7 @@ def _memory_section(recipe: Recipe, train_rows) -> str:
         return f"# memory\n  no estimate: cannot read the model's config.json ({exc})"
 
 
-@app.command("merge")
+@app.command("merge", epilog="Example: dpo-train merge runs/llama3-8b-qlora --out merged/ --dtype bf16")
 def merge_command(
     run_dir: Annotated[Path, typer.Argument(help="A finished run's output.dir (recipe.yaml and adapter/).",
                                             show_default=False)],
@@ -195,20 +323,23 @@ def merge_command(
     dtype: Annotated[str, typer.Option("--dtype", help="Weights of the merged model: bf16, fp16 or fp32.")] = "bf16",
     base: Annotated[str | None, typer.Option("--base", help="The base model, if not at the recipe's model.path.")
                     ] = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Merge a run's LoRA adapter into its full-precision base; saves a standard Hugging Face model directory.
 
     The merged model's log-probs are checked against the adapter's on sample sequences before anything is saved.
     """
     from dpo.model import MergeError, merge_run
+    from dpo.train.console import RunConsole
 
     try:
-        merge_run(run_dir, out, dtype=dtype, base_path=base, log=typer.echo)
+        with RunConsole(typer.echo, verbose=verbose) as console:
+            merge_run(run_dir, out, dtype=dtype, base_path=base, log=console.log)
     except (MergeError, *_user_errors()) as exc:
         _fail(str(exc))
 
 
-@app.command("score")
+@app.command("score", epilog="Example: dpo-train score --reward-model runs/reward-quickstart --data answers.jsonl")
 def score_command(
     reward_model: Annotated[Path, typer.Option("--reward-model", help="Run directory of a `task: reward` run "
                                                "(its output.dir).", show_default=False)],
@@ -217,37 +348,59 @@ def score_command(
     out: Annotated[Path | None, typer.Option("--out", help="JSON-lines file to write (default: NAME.scores.jsonl "
                                              "beside the data file).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Rows per forward pass.")] = 16,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Score each (prompt, completion) row with a trained reward model; writes each row with a `score` field."""
     import torch
 
     from dpo.reward import load_reward_run, score_file
+    from dpo.train.console import RunConsole
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        run = load_reward_run(reward_model, device)
-        score_file(run, data, out, batch_size, device, log=typer.echo)
+        with RunConsole(typer.echo, verbose=verbose) as console:
+            run = load_reward_run(reward_model, device)
+            score_file(run, data, out, batch_size, device, log=console.log)
     except _user_errors() as exc:
         _fail(str(exc))
 
 
-@app.command("compare")
+@app.command("compare", epilog="Example: dpo-train compare recipes/compare-quickstart.yaml --set generation.seed=1")
 def compare_command(
     config: Annotated[Path, typer.Argument(help="Compare file (see recipes/compare-quickstart.yaml).",
                                            show_default=False)],
-    set_: SetOpt = None,
+    set_: CompareSetOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Compare models side by side: reward, win rate, preference accuracy, KL drift, length, diversity."""
     from dpo.compare import CompareError, load_compare_config, run_compare
+    from dpo.train.console import RunConsole
 
     try:
         loaded = load_compare_config(config, set_ or [])
-        run_compare(loaded, source=str(config), log=typer.echo)
+        with RunConsole(typer.echo, verbose=verbose) as console:
+            run_compare(loaded, source=str(config), log=console.log)
     except (*_user_errors(), CompareError) as exc:
         _fail(str(exc))
 
 
-COMMANDS = {"train"}
+@app.command("plot", epilog="Example: dpo-train plot runs/quickstart-dpo runs/quickstart-ipo --out dpo-vs-ipo.png")
+def plot_command(
+    runs: Annotated[list[Path], typer.Argument(metavar="RUN...", help="Run folders (each a run's output.dir, "
+                                               "holding metrics.jsonl).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="PNG file to write.")] = Path("curves.png"),
+) -> None:
+    """Draw the training curves of one or more runs on the same axes (loss, accuracy, rewards, ...).
+
+    Each run also draws its own OUT/curves.png at every evaluation and at its end.
+    """
+    from dpo.train.curves import plot_runs
+
+    try:
+        path = plot_runs(runs, out)
+    except (ValueError, *_user_errors()) as exc:
+        _fail(str(exc))
+    typer.echo(f"curves of {len(runs)} run(s) written to {path}")
 
 
 def resume_latest_when_bare(args: list[str]) -> list[str]:
@@ -340,10 +493,6 @@ def forgiving_streams() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``dpo-train`` script."""
     args = list(sys.argv[1:] if argv is None else argv)
-    commands = {c.name or c.callback.__name__ for c in app.registered_commands} | COMMANDS
-    if args and args[0] not in commands:
-        args = ["train", *args]
-    args = resume_latest_when_bare(args)
     try:
         with forgiving_streams():
             try:

@@ -150,11 +150,16 @@ def write_text_atomic(path: Path, text: str) -> None:
     The text goes to ``.tmp-NAME`` beside it first (one writer at a time: the folder's owner), is
     fsynced, then renamed over ``path``.
     """
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """:func:`write_text_atomic` for bytes (a PNG, say)."""
     temp = path.with_name(f"{TEMP_PREFIX}{path.name}")
     temp.unlink(missing_ok=True)
     try:
         with open(temp, "xb") as handle:
-            handle.write(text.encode("utf-8"))
+            handle.write(data)
         sync_file(temp)
         os.replace(temp, path)
     except BaseException:

@@ -326,15 +326,31 @@ class RewardConfig(_Section):
 # --------------------------------------------------------------------------------------------- output
 
 
-class OutputConfig(_Section):
-    """Where a run writes its recipe, metrics, adapter and checkpoints.
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
-    ``tensorboard`` also writes every metric record as TensorBoard scalars to ``dir/tensorboard/`` (needs the
-    ``tensorboard`` package: ``pip install 'dpo-train[tensorboard]'``).
+
+class OutputConfig(_Section):
+    """Where a run writes its recipe, metrics, adapter and checkpoints, and which experiment trackers get
+    its metrics.
+
+    ``report_to`` lists trackers (through accelerate's tracker integration): every ``metrics.jsonl`` record
+    goes to each, as ``<split>/<metric>`` at its step. Their files go into the output folder:
+    ``dir/tensorboard/``, ``dir/wandb/`` (offline unless ``WANDB_MODE`` says otherwise; ``wandb sync`` uploads
+    it) and ``dir/mlflow/`` (a local file store unless ``MLFLOW_TRACKING_URI`` names a server). ``project``
+    names the wandb project and the MLflow experiment. ``tensorboard: true`` is the older spelling of
+    ``report_to: [tensorboard]`` and still works.
     """
 
     dir: PathText
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
+    project: str = Field("dpo-train", min_length=1)
     tensorboard: bool = False
+
+    def trackers(self) -> list[str]:
+        """The trackers this run reports to, each once, in ``report_to`` order (``tensorboard: true`` adds
+        TensorBoard)."""
+        named = [*self.report_to, *(["tensorboard"] if self.tensorboard else [])]
+        return [name for name in TRACKERS if name in named]
 
 
 # --------------------------------------------------------------------------------------------- recipe
@@ -588,6 +604,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     tree = load_recipe_tree(path)
     if not isinstance(tree, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections (model, data, ...)")
+    if "models" in tree and "model" not in tree:  # the sections of a compare file (dpo.compare.config)
+        raise RecipeError(f"{path} is a compare file (it lists models to compare), not a training recipe: run it "
+                          f"with `dpo-train compare {path}`")
     for text in overrides:
         key, value = parse_override(text)
         _set_path(tree, key, value)

@@ -4,6 +4,8 @@
 - Torch runs on one thread: the test models are tiny, so threads only add synchronisation, and on a busy
   2-core machine two threads per process wait on each other (a forward measured 1 ms on one thread and
   0.5 s on two). Child processes inherit the setting through OMP_NUM_THREADS.
+- A run draws ``curves.png`` at each evaluation and at its end, which costs about a second of CPU: only
+  tests marked ``curves`` (those that look at it) draw it; elsewhere the drawing is skipped.
 """
 
 from __future__ import annotations
@@ -27,3 +29,11 @@ def _isolated_user_cache(tmp_path_factory):
         os.environ.pop("XDG_CACHE_HOME", None)
     else:
         os.environ["XDG_CACHE_HOME"] = previous
+
+
+@pytest.fixture(autouse=True)
+def _curves_only_where_asked(request, monkeypatch):
+    if request.node.get_closest_marker("curves") is None:
+        import dpo.train.curves
+
+        monkeypatch.setattr(dpo.train.curves, "write_run_curves", lambda run_dir, log=None: None)

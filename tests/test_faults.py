@@ -159,8 +159,11 @@ def test_overwrite_deletes_exactly_what_the_previous_run_wrote(tmp_path, assets,
 
 
 def as_written_before_markers_recorded_paths(out: Path) -> None:
-    """Give ``out`` the marker an earlier dpo-train wrote: its name and version, no record of paths."""
+    """Give ``out`` the marker an earlier dpo-train wrote: its name and version, no record of paths; and take
+    away the files that version did not write yet (a README.md there would be the user's)."""
     (out / ".dpo-train").write_text(json.dumps({"created_by": "dpo-train", "version": "0.1.0"}) + "\n")
+    for name in ("README.md", "train.log", "curves.png"):
+        (out / name).unlink(missing_ok=True)
 
 
 def test_a_run_an_earlier_version_started_resumes_and_its_user_files_survive(tmp_path, assets, capsys):

@@ -158,6 +158,10 @@ def load_compare_config(path: str | Path, overrides: list[str] | tuple[str, ...]
         raise CompareError(str(exc)) from None
     if not isinstance(tree, dict):
         raise CompareError(f"{path}: a compare file is a mapping (models, reward_model, prompts, output, ...)")
+    if "models" not in tree and ("model" in tree or "data" in tree):  # the sections of a training recipe
+        raise CompareError(f"{path} is a training recipe (it has {'model' if 'model' in tree else 'data'}:), not a "
+                           f"compare file: train with `dpo-train {path}`; a compare file lists models, reward_model, "
+                           "prompts and output (see recipes/compare-quickstart.yaml)")
     for text in overrides:
         set_path(tree, *parse_override(text))
     try:

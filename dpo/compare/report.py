@@ -20,9 +20,15 @@ from dpo.model import completion_text
 
 Log = Callable[[str], None]
 
+# Below this held-out accuracy a reward model ranks pairs little better than a coin: its scores say little,
+# and the report and the log say so in words.
+INFORMATIVE_ACCURACY = 0.6
+
 # (JSON section, key, column heading) of the per-model table, in order.
 COLUMNS = [
     ("reward", "mean", "reward"),
+    ("reward", "standard_error", "reward s.e."),
+    ("reward", "std", "reward s.d."),
     ("reward", "win_rate", "win rate"),
     ("reward", "win_rate_length_controlled", "win rate, length ±10%"),
     ("reward", "length_controlled_pairs", "pairs, length ±10%"),
@@ -61,12 +67,16 @@ def model_numbers(result, reference) -> dict[str, Any]:
     controlled, controlled_pairs = cm.length_controlled_win_rate(result.scores, reference.scores, own_lengths,
                                                                  reference_lengths)
     kl, kl_se = cm.mean_and_standard_error([a - b for a, b in zip(result.logps, result.reference_logps)])
+    reward, reward_se = cm.mean_and_standard_error(result.scores)
+    reward_std = reward_se * math.sqrt(len(result.scores)) if reward_se is not None else None
     tokens = sum(len(ids) for ids in samples.completion_ids)
     contents = [ids[:length] for ids, length in zip(samples.completion_ids, own_lengths)]
     return {
         "name": result.name,
         "reward": {
-            "mean": cm.mean(result.scores),
+            "mean": reward,
+            "standard_error": reward_se,
+            "std": reward_std,
             "win_rate": cm.win_rate(result.scores, reference.scores),
             "win_rate_length_controlled": controlled,
             "length_controlled_pairs": controlled_pairs,
@@ -94,14 +104,31 @@ def software() -> dict[str, str]:
     return {"torch": str(torch.__version__), "transformers": str(transformers.__version__), "peft": str(peft.__version__)}
 
 
+def reward_model_warning(reward: dict[str, Any]) -> str | None:
+    """The words the report and the log say when the reward model's own held-out accuracy is near chance
+    (below :data:`INFORMATIVE_ACCURACY`); None otherwise, or when it is unknown."""
+    accuracy = reward.get("preference_accuracy")
+    if accuracy is None:
+        accuracy, where = reward.get("training_accuracy"), "on its own held-out pairs when it was trained"
+    else:
+        where = f"on the {reward['pairs']} held-out pairs"
+    if accuracy is None or accuracy >= INFORMATIVE_ACCURACY:
+        return None
+    return (f"the reward model ranks only {accuracy:.1%} of pairs right {where} (chance is 50%), so its scores "
+            "carry little information: the rewards and win rates below are close to noise. Train it longer or on "
+            "more data before reading them")
+
+
 def build_report(config, source: str, prompts: list[Any], results: list, reward: dict[str, Any],
                  device) -> dict[str, Any]:
-    """The JSON content of the report: settings, per-model numbers, the reward model's own accuracy."""
+    """The JSON content of the report: settings, per-model numbers, the reward model's own accuracy (and, when
+    that is near chance, a warning in words)."""
     reference = next(r for r in results if r.name == config.reference_name)
     settings = config.model_dump(mode="json", exclude={"output"})
     settings.update(compare_file=source, reference=config.reference_name, prompt_count=len(prompts),
                     samples_per_model=len(prompts) * config.generation.samples_per_prompt,
                     device=str(device), software=software())
+    reward = {**reward, "warning": reward_model_warning(reward)}
     return {
         "settings": settings,
         "models": [model_numbers(r, reference) for r in results],
@@ -121,6 +148,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{generation['samples_per_prompt']} sample(s) per prompt ({settings['samples_per_model']} per model), "
         f"reference model **{reference}**, reward model `{report['reward_model']['path']}`.",
         "",
+        *([f"**Warning: {report['reward_model']['warning']}.**", ""] if report["reward_model"].get("warning") else []),
         "| model | " + " | ".join(heading for _, _, heading in COLUMNS) + " |",
         "|---|" + "---:|" * len(COLUMNS),
     ]
@@ -137,11 +165,15 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"- {model['name']}: {fmt(accuracy['value'])}, by {accuracy['method']}")
     else:
         lines.append("No held-out pairs were given (`pairs:`), so no preference accuracy was measured.")
+    if reward.get("training_accuracy") is not None:
+        lines += ["", f"The reward model's own held-out accuracy at the end of its training: "
+                      f"{fmt(reward['training_accuracy'])} (its `final_metrics.json`)."]
     lines += [
         "",
         "## What the columns mean",
         "",
-        f"- **reward**: mean reward-model score of the model's samples. **win rate**: against {reference}'s sample "
+        "- **reward**: mean reward-model score of the model's samples, with its standard error (**reward s.e.**, "
+        "s/√n over samples) and the spread of single samples' scores (**reward s.d.**). **win rate**: against {reference}'s sample "
         "with the same prompt and sample number, scored by the reward model; a tie counts half.",
         "- **win rate, length ±10%**: the same, over only the pairs whose lengths differ by under 10% of the longer "
         "(equal lengths included), a length-controlled view; **pairs, length ±10%** is how many pairs that is.",
@@ -170,22 +202,55 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def reward_axis_limits(models: list[dict[str, Any]]) -> tuple[float, float]:
+    """The reward axis of ``reward_vs_kl.png``: every mean with two standard errors either side, and never
+    narrower than the larger per-sample spread (one standard deviation of single samples' scores), so that a
+    difference far smaller than how much single samples vary is drawn small, not blown up to fill the plot."""
+    means = [m["reward"]["mean"] for m in models if m["reward"]["mean"] is not None]
+    if not means:
+        return 0.0, 1.0
+    errors = [2 * (m["reward"]["standard_error"] or 0.0) for m in models if m["reward"]["mean"] is not None]
+    low = min(mean - error for mean, error in zip(means, errors))
+    high = max(mean + error for mean, error in zip(means, errors))
+    spread = max((m["reward"]["std"] or 0.0 for m in models), default=0.0)
+    if high - low < spread:
+        middle = (high + low) / 2
+        low, high = middle - spread / 2, middle + spread / 2
+    pad = 0.08 * (high - low) or 0.5
+    return low - pad, high + pad
+
+
 def plot(report: dict[str, Any], model_lengths: dict[str, list[int]], out_dir: Path) -> list[Path]:
-    """``reward_vs_kl.png`` (mean reward against KL, with the KL's standard error) and ``lengths.png``."""
+    """``reward_vs_kl.png`` (mean reward against KL, each with its standard error as an error bar, on an axis no
+    narrower than the spread of single samples' scores) and ``lengths.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = report["models"]
-    figure, axes = plt.subplots(figsize=(6, 4.5))
+    figure, axes = plt.subplots(figsize=(6.4, 4.8))
     for model in models:
-        kl, se, reward = model["drift"]["kl"], model["drift"]["kl_standard_error"], model["reward"]["mean"]
-        axes.errorbar([kl], [reward], xerr=[se or 0.0], fmt="o", capsize=4, label=model["name"])
+        kl, kl_se = model["drift"]["kl"], model["drift"]["kl_standard_error"]
+        reward, reward_se = model["reward"]["mean"], model["reward"]["standard_error"]
+        axes.errorbar([kl], [reward], xerr=[kl_se or 0.0], yerr=[reward_se or 0.0], fmt="o", capsize=4,
+                      label=model["name"])
         axes.annotate(model["name"], (kl, reward), textcoords="offset points", xytext=(6, 6))
+    axes.set_ylim(*reward_axis_limits(models))
+    # KL is zero for the reference and not negative in expectation: the axis starts at zero.
+    kls = [(m["drift"]["kl"] or 0.0) + 2 * (m["drift"]["kl_standard_error"] or 0.0) for m in models]
+    lows = [(m["drift"]["kl"] or 0.0) - 2 * (m["drift"]["kl_standard_error"] or 0.0) for m in models]
+    axes.set_xlim(min(0.0, *lows) - 0.05 * (max(kls) or 1.0), 1.1 * max(max(kls), 1e-3))
     axes.set_xlabel(f"KL(π ‖ π_ref), nats per sample (π_ref = {report['settings']['reference']})")
     axes.set_ylabel("mean reward-model score")
-    axes.set_title("Reward against drift from the reference")
+    spread = max((m["reward"]["std"] or 0.0 for m in models), default=0.0)
+    axes.set_title("Reward against drift from the reference\n"
+                   f"error bars: ±1 standard error; reward axis at least one sample s.d. ({spread:.3g}) tall",
+                   fontsize="medium")
+    warning = report["reward_model"].get("warning")
+    if warning:
+        axes.text(0.5, 0.02, "reward model near chance: its scores carry little information", color="darkred",
+                  transform=axes.transAxes, ha="center", va="bottom", fontsize="small")
     axes.grid(alpha=0.3)
     figure.tight_layout()
     reward_path = out_dir / "reward_vs_kl.png"

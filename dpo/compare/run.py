@@ -255,8 +255,20 @@ def run_compare(config: CompareConfig, source: str = "compare file", log: Log = 
     del reference
     reward = score_all(config, prompts, results, decode, eos_id, device, log)
     report = build_report(config, source, prompts, results, reward, device)
+    if report["reward_model"]["warning"]:
+        log(f"warning: {report['reward_model']['warning']}")
     write_report(report, results, prompts, decode, eos_id, Path(config.output), log)
     return report
+
+
+def training_accuracy(run_dir: str | Path) -> float | None:
+    """The reward model's held-out accuracy after its own training (``final_metrics.json``), if recorded."""
+    try:
+        final = json.loads((Path(run_dir) / "final_metrics.json").read_text(encoding="utf-8"))
+        value = final["eval_after"]["rewards/accuracies"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def score_all(config: CompareConfig, prompts: list[Any], results: list[ModelResult], decode, eos_id: int,
@@ -278,7 +290,8 @@ def score_all(config: CompareConfig, prompts: list[Any], results: list[ModelResu
             rows.append({"prompt": prompt, "completion": completion})
         result.scores = score_texts(run, rows, config.generation.batch_size, device, f"samples of {result.name}")
         log(f"{result.name}: scored {len(rows)} samples with the reward model")
-    summary: dict[str, Any] = {"path": config.reward_model, "preference_accuracy": None, "pairs": 0}
+    summary: dict[str, Any] = {"path": config.reward_model, "preference_accuracy": None, "pairs": 0,
+                               "training_accuracy": training_accuracy(config.reward_model)}
     if config.pairs is not None:
         data = run.recipe.data
         pairs_cfg = config.pairs.data_config().model_copy(update={

@@ -26,11 +26,24 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def load_tokenizer(config: ModelConfig, path: str | None = None):
-    """Load the model's tokenizer; a missing pad token falls back to EOS (padding is always masked)."""
+def load_tokenizer(config: ModelConfig, path: str | None = None, key: str = "model.path"):
+    """Load the model's tokenizer; a missing pad token falls back to EOS (padding is always masked).
+
+    Raises:
+        ModelError: it does not load; the message names ``key`` (the recipe key of the path), the path and
+            what to do.
+    """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path or config.path, trust_remote_code=config.trust_remote_code)
+    source = path or config.path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        todo = ("the folder needs the tokenizer's files (tokenizer.json or tokenizer.model, tokenizer_config.json)"
+                if Path(source).is_dir() else
+                f"set {key} to a local Hugging Face model folder: --set {key}=/path/to/model")
+        raise ModelError(f"{key}: cannot load the tokenizer from {source} ({first}); {todo}") from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ModelError(f"{config.path}: the tokenizer has neither a pad nor an EOS token")
@@ -101,9 +114,13 @@ def load_base_model(config: ModelConfig, path: str | None = None, device: torch.
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as exc:
         hint = "" if Path(source).exists() else " (no such local directory; as a hub id it needs the network)"
-        raise ModelError(f"model.path: cannot load {source!r}{hint}: {exc}") from None
-    except ImportError as exc:
-        if quant is None:
+        raise ModelError(f"model.path: cannot load {source!r}{hint}: {exc}; set model.path to a local Hugging Face "
+                         "model folder (config.json, weights, tokenizer): --set model.path=/path/to/model") from None
+    except Exception as exc:
+        if type(exc).__name__ == "SafetensorError":  # safetensors' own error type: a damaged weights file
+            raise ModelError(f"model.path: a weights file of {source} is damaged ({exc}); copy or download the "
+                             "model again") from None
+        if not isinstance(exc, ImportError) or quant is None:
             raise
         raise ModelError(f"model.quantization: loading a {config.quantization.bits}-bit base needs bitsandbytes "
                          f"(pip install 'dpo-train[quant]'): {exc}") from None

@@ -6,7 +6,11 @@ log-probs, or a reward model); the loop (:mod:`dpo.train.loop`) runs the optimiz
 checkpoints, on one process or several (data parallel, :mod:`dpo.train.parallel`). Hands on the adapter,
 ``metrics.jsonl`` (:mod:`dpo.train.metric_log`), ``final_metrics.json`` and resumable checkpoints
 (:mod:`dpo.train.checkpoint`), into an output directory whose marker records every path written there and
-whose lock admits one run at a time (:mod:`dpo.train.output_dir`).
+whose lock admits one run at a time (:mod:`dpo.train.output_dir`). What a run shows and leaves to read: the
+inputs checked before anything is created (:mod:`dpo.train.inputs`), the step plan (:mod:`dpo.train.plan`),
+the progress bar, log lines and ``train.log`` (:mod:`dpo.train.console`), ``curves.png``
+(:mod:`dpo.train.curves`), the run's README and the adapter's model card (:mod:`dpo.train.run_files`), and
+the experiment trackers (:mod:`dpo.train.trackers`).
 """
 
 from dpo.train.checkpoint import (

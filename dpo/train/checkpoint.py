@@ -45,7 +45,6 @@ from torch import Tensor
 from dpo.files import TEMP_PREFIX, sha256_of_file, write_text_atomic, writing
 from dpo.files import sync_dir as _sync_dir
 from dpo.files import sync_file as _sync_file
-from dpo.train.metric_log import require_tensorboard
 from dpo.train.output_dir import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_MANIFEST,
@@ -59,6 +58,7 @@ from dpo.train.output_dir import (
     take_lock,
     taken_outputs,
 )
+from dpo.train.trackers import require_trackers
 
 Log = Callable[[str], None]
 
@@ -71,7 +71,7 @@ _TRASH_PREFIX = ".old-"
 # Recipe keys that cannot change the trained result (logging, saving, where things go), so a resume
 # ignores them.
 IGNORED_ON_RESUME = frozenset({
-    "output.dir", "train.log_every", "train.eval_every", "train.save_every",
+    "output.dir", "output.report_to", "output.project", "output.tensorboard", "train.log_every", "train.eval_every", "train.save_every",
     "train.keep_last", "train.max_bad_steps", "data.num_proc", "data.cache_dir", "reference.batch_size",
     "reference.cache_dir", "reference.verify",
 })
@@ -365,8 +365,8 @@ def check_output_dir(out_dir: Path, *, resume: str | Path | bool | None, overwri
 
 def preflight(recipe, *, resume: str | Path | bool | None = None, overwrite: bool = False, force: bool = False,
               recipe_file: Path | None = None) -> str:
-    """Every check a run makes before it loads anything, writing nothing (``--dry-run``): TensorBoard, the
-    output directory and its lock, and with ``resume`` the checkpoint it would take and the recipe values
+    """Every check a run makes before it loads anything, writing nothing (``--dry-run``): TensorBoard, every
+    path the run reads (:func:`dpo.train.inputs.check_inputs`), the output directory and its lock, and with ``resume`` the checkpoint it would take and the recipe values
     that differ from it.
 
     Returns:
@@ -377,7 +377,10 @@ def preflight(recipe, *, resume: str | Path | bool | None = None, overwrite: boo
     """
     import yaml
 
-    require_tensorboard(recipe.output.tensorboard)
+    from dpo.train.inputs import check_inputs
+
+    require_trackers(recipe.output)
+    check_inputs(recipe)
     out_dir = Path(recipe.output.dir)
     lines = [check_output_dir(out_dir, resume=resume, overwrite=overwrite, inputs=run_inputs(recipe, recipe_file))]
     if resume and out_dir.is_dir():
@@ -403,6 +406,7 @@ def prepare_output_dir(out_dir: Path, *, resume: str | Path | bool | None, overw
     if out_dir.is_dir():
         probe_lock(out_dir)  # "in use by process N" before any other complaint about the folder
     plan_output_dir(out_dir, resume=resume, overwrite=overwrite, inputs=inputs)  # refuse before creating anything
+    created = not os.path.lexists(out_dir)
     with writing(out_dir, "output directory"):
         out_dir.mkdir(parents=True, exist_ok=True)
     lock = take_lock(out_dir)
@@ -420,7 +424,7 @@ def prepare_output_dir(out_dir: Path, *, resume: str | Path | bool | None, overw
         if plan.restart:
             log(f"--resume: {out_dir / CHECKPOINTS_DIR} holds no checkpoint (the run stopped before its first one); "
                 "starting from step 0")
-        directory.lock = lock
+        directory.lock, directory.created = lock, created
         return directory
     except BaseException:
         lock.release()

@@ -20,11 +20,11 @@ import torch
 import yaml
 from torch import Tensor
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from dpo.files import WriteFailed
 from dpo.recipe import Recipe, RecipeError, TrainConfig
 from dpo.reference import length_sorted_batches
+from dpo.train import curves
 from dpo.train.checkpoint import (
     LoopState,
     StopSignals,
@@ -44,9 +44,14 @@ from dpo.train.checkpoint import (
     save_checkpoint,
     version_notes,
 )
-from dpo.train.metric_log import MetricLog, require_tensorboard
+from dpo.train.console import RunConsole, format_train_line
+from dpo.train.inputs import check_inputs
+from dpo.train.metric_log import MetricLog
 from dpo.train.parallel import average_gradients, broadcast_parameters, merge_sums, shard
+from dpo.train.plan import plan_steps, warmup_steps
+from dpo.train.run_files import RUN_README, model_card, run_readme, set_adapter_base
 from dpo.train.setup import preference_setup, reward_setup
+from dpo.train.trackers import require_trackers
 
 Log = Callable[[str], None]
 Gather = Callable[[object], list]
@@ -104,7 +109,7 @@ def build_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> tor
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int):
     from transformers import get_scheduler
 
-    warmup = train.warmup_steps if train.warmup_steps is not None else int(train.warmup_ratio * total_steps)
+    warmup = warmup_steps(train, total_steps)
     name = "constant_with_warmup" if train.scheduler == "constant" else train.scheduler
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
@@ -177,18 +182,21 @@ def count_step(loop: LoopState, losses: list[float], applied: bool, scaler_activ
 
 
 def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None = None, force: bool = False,
-          overwrite: bool = False, recipe_file: Path | None = None) -> dict[str, dict[str, float]]:
+          overwrite: bool = False, recipe_file: Path | None = None,
+          console: RunConsole | None = None) -> dict[str, dict[str, float]]:
     """Train a LoRA adapter as the recipe says; returns eval metrics before and after training.
 
     Args:
         recipe: the run.
-        log: where messages go.
+        log: where messages go (when no ``console`` is given).
         resume: continue from a checkpoint: True (or "latest") for the output directory's latest one, or
             a checkpoint folder; None starts afresh.
         force: resume even where settings that change the result differ from the checkpoint's (warned).
         overwrite: start afresh in an output directory that is not empty (the files a previous run recorded
             there are deleted, nothing else).
         recipe_file: the recipe's file, which the run must never delete or replace.
+        console: the run's terminal and ``train.log`` (:class:`dpo.train.console.RunConsole`); by default one
+            that writes to ``log``.
 
     Raises:
         CheckpointError: the output directory is refused (or held by another run), or the checkpoint is
@@ -205,7 +213,10 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    require_tensorboard(recipe.output.tensorboard)
+    console = console if console is not None else RunConsole(log, verbose=True)
+    log = console.log
+    require_trackers(recipe.output)
+    check_inputs(recipe)  # every path the run reads, before anything is created
     accelerator = Accelerator(gradient_accumulation_steps=recipe.train.grad_accum,
                               mixed_precision="fp16" if recipe.train.loss_scaler else "no",
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=SETUP_TIMEOUT)])
@@ -216,13 +227,15 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
         if accelerator.is_main_process:
             run_dir = prepare_output_dir(out_dir, resume=resume, overwrite=overwrite, log=log,
                                          inputs=run_inputs(recipe, recipe_file))
-        return _train(accelerator, run_dir, recipe, log, resume=resume, force=force)
+            console.open_log(run_dir, resumed=bool(resume))
+        return _train(accelerator, run_dir, recipe, console, resume=resume, force=force)
     except WriteFailed as exc:
         latest = latest_checkpoint(out_dir) if out_dir.is_dir() else None
         exc.kept = exc.kept or (f"The last checkpoint, {latest}, is intact; continue from it with --resume."
                                 if latest is not None else "No checkpoint had been written yet.")
         raise
     finally:
+        console.close_bar()
         if run_dir is not None:
             run_dir.close()
         # A process that exits with its process group still open is aborted by the collective library's
@@ -230,11 +243,13 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
         accelerator.end_training()
 
 
-def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path | bool | None,
+def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume: str | Path | bool | None,
            force: bool) -> dict[str, dict[str, float]]:
-    """The body of :func:`train`, given the run's ``accelerate.Accelerator`` and its output directory
-    (a :class:`dpo.train.output_dir.RunDirectory` on the main process, None on the others)."""
+    """The body of :func:`train`, given the run's ``accelerate.Accelerator``, its output directory (a
+    :class:`dpo.train.output_dir.RunDirectory` on the main process, None on the others) and its console."""
     from accelerate.utils import gather_object, set_seed
+
+    log = console.log
 
     cfg = recipe.train
     out_dir = Path(recipe.output.dir)
@@ -253,10 +268,16 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
 
     # 1. Data, model and loss for the recipe's task. The main process goes first: it fills the tokenized
     # data and reference caches, which the others then read.
-    with accelerator.main_process_first():
-        setup = (reward_setup(recipe, device, log) if recipe.task == "reward"
-                 else preference_setup(recipe, device, log))
+    try:
+        with accelerator.main_process_first():
+            setup = (reward_setup(recipe, device, log) if recipe.task == "reward"
+                     else preference_setup(recipe, device, log))
+    except BaseException:
+        if is_main and checkpoint is None:
+            run_dir.discard()  # a fresh run that could not load its inputs leaves nothing behind
+        raise
     model, step_module, loss_fn = setup.model, setup.step_module, setup.loss_fn
+    set_adapter_base(model, recipe.model.path)  # adapter_config.json names the base by its absolute path
     run = run_record(recipe_tree, setup.fingerprints, world)
     if checkpoint is not None:
         check_resume(run_differences(checkpoint.run, run), checkpoint, force, log)
@@ -264,6 +285,7 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
             log(f"warning: resuming with {note}; the result may differ in the last bits")
     if is_main:
         run_dir.write_text("recipe.yaml", recipe.to_yaml(), "resolved recipe")
+        run_dir.write_text(RUN_README, run_readme(recipe), "run README")
     metrics_path = out_dir / "metrics.jsonl"  # written through MetricLog, by the main process only
 
     # 2. Optimizer, schedule, data order.
@@ -274,19 +296,11 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
         broadcast_parameters(params)
         set_seed(cfg.seed + rank)
     num_rows = len(setup.train_rows)
-    micro_batches = num_rows // cfg.batch_size if setup.drop_last else math.ceil(num_rows / cfg.batch_size)
-    if micro_batches == 0:
-        raise ValueError(f"data.train: {num_rows} training examples, fewer than train.batch_size "
-                         f"({cfg.batch_size}) which this loss needs in every batch; lower train.batch_size")
-    if micro_batches < world:
-        raise ValueError(f"data.train: {num_rows} training examples make {micro_batches} micro-batches of "
-                         f"train.batch_size={cfg.batch_size}, fewer than the {world} processes that each need "
-                         "one; lower train.batch_size or use fewer processes")
-    if micro_batches % world:
-        log(f"note: {micro_batches} micro-batches an epoch over {world} processes: the last {micro_batches % world} "
+    plan = plan_steps(num_rows, cfg, drop_last=setup.drop_last, world=world)
+    if plan.left_out:
+        log(f"note: {plan.micro_batches} micro-batches an epoch over {world} processes: the last {plan.left_out} "
             "of each epoch's shuffled order are left out, so every process takes as many")
-    steps_per_epoch = max(1, micro_batches // world // cfg.grad_accum)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    total_steps = plan.total_steps
     optimizer = build_optimizer(params, cfg)
     # Not handed to accelerate.prepare: its scheduler wrapper would step once per process, and the step module
     # is not wrapped in DDP (see dpo.train.parallel).
@@ -330,8 +344,9 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
     else:
         loop = LoopState()
     # Events are flushed record by record, so a run that stops early loses none of them.
-    metric_log = MetricLog(out_dir, tensorboard=recipe.output.tensorboard, enabled=is_main, run_dir=run_dir,
-                           resumed_step=loop.step if checkpoint is not None else None)
+    metric_log = MetricLog(out_dir, trackers=recipe.output.trackers(), enabled=is_main, run_dir=run_dir,
+                           resumed_step=loop.step if checkpoint is not None else None,
+                           project=recipe.output.project, config=recipe_tree)
     if checkpoint is None:
         loop.eval_before = evaluate(step_module, eval_loader, loss_fn, device, gather) if has_eval else {}
         if loop.eval_before:
@@ -345,7 +360,8 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
     step_module.train()
     window = MetricWindow(dict(loop.window_sums), dict(loop.window_counts))
     tokens, window_start, step_losses = 0, time.perf_counter(), []
-    progress = tqdm(total=total_steps, initial=loop.step, desc="train", disable=not is_main)
+    console.start_bar(total_steps, initial=loop.step, enabled=is_main)
+    run_start = time.perf_counter()
     with StopSignals() as signals:
         while loop.step < total_steps:
             batches = shard(epoch_batches(num_rows, cfg.batch_size, cfg.seed, loop.epoch, setup.drop_last),
@@ -381,7 +397,7 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
                 if not accelerator.sync_gradients:
                     continue
                 loop.step += 1
-                progress.update(1)
+                console.advance()
                 count_step(loop, step_losses, applied, accelerator.scaler is not None, log)
                 step_losses = []
                 too_many_bad = loop.consecutive_bad_steps >= cfg.max_bad_steps
@@ -398,13 +414,16 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
                     if accelerator.scaler is not None:
                         record["scaler_overflows"] = loop.scaler_overflows
                     metric_log.write(record)
-                    progress.set_postfix({k: f"{record[k]:.3f}" for k in ("loss", setup.headline[0]) if k in record})
+                    console.show_metrics(record)
+                    log(format_train_line(record, total_steps, time.perf_counter() - run_start))
                     window.reset()
                     tokens, window_start = 0, time.perf_counter()
                 if cfg.eval_every and loop.step % cfg.eval_every == 0 and loop.step < total_steps and has_eval:
                     metrics = evaluate(step_module, eval_loader, loss_fn, device, gather)
                     metric_log.write({"split": "eval", "step": loop.step, **metrics})
                     log(describe_eval(f"step {loop.step}", metrics))
+                    if is_main:
+                        curves.write_run_curves(run_dir, log)
                 if too_many_bad:
                     kept = (f"the last good checkpoint is {last_checkpoint}; resume from it with --resume once the "
                             "cause is fixed" if last_checkpoint else "no checkpoint was written before them")
@@ -424,7 +443,7 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
                         signals.received or signal.SIGTERM)
             if loop.micro_batch >= len(batches):
                 loop.epoch, loop.micro_batch = loop.epoch + 1, 0
-    progress.close()
+    console.close_bar()
     if saved_step != loop.step:
         last_checkpoint = save(loop)
 
@@ -434,16 +453,22 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
         log(describe_eval("after training", after))
         metric_log.write({"split": "eval", "step": loop.step, **after})
     metric_log.close()
+    if is_main:
+        curves.write_run_curves(run_dir, log)
     adapter_dir = out_dir / "adapter"
     summary = {"eval_before": loop.eval_before, "eval_after": after, "steps": loop.step}
     if is_main:
         def save_adapter(folder: Path) -> None:
             model.save_pretrained(folder, safe_serialization=True)
             setup.tokenizer.save_pretrained(folder)
+            # peft's README.md is a template to fill in; this one is filled in.
+            (folder / "README.md").write_text(model_card(recipe, summary, setup.fingerprints, setup.headline),
+                                              encoding="utf-8")
 
         run_dir.write_folder("adapter", save_adapter, "adapter",
                              needed=sum(p.numel() * p.element_size() for p in params))
         run_dir.write_text("final_metrics.json", json.dumps(summary, indent=2), "final metrics")
+        run_dir.write_text(RUN_README, run_readme(recipe, summary), "run README")
     key, label = setup.headline
     if key in loop.eval_before and key in after:
         log(f"{label}: {loop.eval_before[key]:.3f} before -> {after[key]:.3f} after training")

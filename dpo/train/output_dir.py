@@ -5,7 +5,8 @@
     OUT/.dpo-train        the marker: JSON naming dpo-train, its version, and what dpo-train wrote here:
                             files    every file, as a path relative to OUT
                             dirs     every folder it created
-                            scratch  its temporary folders (.tmp-*), which hold nothing else
+                            scratch  folders that hold nothing but dpo-train's: its temporary folders
+                                     (.tmp-*) and the wandb/ and mlflow/ folders of its trackers
     OUT/.dpo-train.lock   the run lock: flock-ed by the running process, which writes its pid into it
 
 A path is recorded before it is first written, so a run killed at any moment has recorded everything it
@@ -32,10 +33,13 @@ from dpo.train.metric_log import TENSORBOARD_DIR
 MARKER = ".dpo-train"
 LOCK_FILE = ".dpo-train.lock"
 CHECKPOINTS_DIR = "checkpoints"
-# The names a run writes directly inside its output directory.
-RUN_FILES = ("recipe.yaml", "metrics.jsonl", "final_metrics.json")
+# The names a run writes directly inside its output directory (those of an earlier dpo-train, whose
+# marker recorded no paths, are only the first three: see RunDirectory.adopt_unrecorded).
+LEGACY_RUN_FILES = ("recipe.yaml", "metrics.jsonl", "final_metrics.json")
+RUN_FILES = (*LEGACY_RUN_FILES, "README.md", "train.log", "curves.png")
 ADAPTER_DIR = "adapter"
-RUN_DIRS = (ADAPTER_DIR, CHECKPOINTS_DIR, TENSORBOARD_DIR)
+# wandb/ and mlflow/ are recorded whole, as folders only their tracker writes in (dpo.train.trackers).
+RUN_DIRS = (ADAPTER_DIR, CHECKPOINTS_DIR, TENSORBOARD_DIR, "wandb", "mlflow")
 RUN_OUTPUTS = RUN_FILES + RUN_DIRS
 
 
@@ -73,8 +77,9 @@ class RunDirectory:
         root: the output directory.
         files: files written here, relative to ``root``.
         dirs: folders created here.
-        scratch: temporary folders created here; everything inside them is dpo-train's.
+        scratch: folders created here whose whole content is dpo-train's (temporary folders, trackers' folders).
         lock: the run lock while a run holds the directory.
+        created: the run holding it created the folder (it did not exist before).
     """
 
     root: Path
@@ -82,6 +87,7 @@ class RunDirectory:
     dirs: set[str] = field(default_factory=set)
     scratch: set[str] = field(default_factory=set)
     lock: FileLock | None = None
+    created: bool = False
 
     # ----------------------------------------------------------------------------------- the marker
 
@@ -121,7 +127,7 @@ class RunDirectory:
         record is written in the current format at the next change.
         """
         directory = cls(root)
-        regular = [name for name in RUN_FILES if directory._is_regular(name)]
+        regular = [name for name in LEGACY_RUN_FILES if directory._is_regular(name)]
         directory.files.update(regular)
         for folder, keep in ((ADAPTER_DIR, _is_adapter_file), (TENSORBOARD_DIR, _is_event_file)):
             names = [entry.name for entry in _scan(root / folder) if keep(entry.name)]
@@ -337,6 +343,17 @@ class RunDirectory:
         for top in sorted({PurePosixPath(p).parts[0] for p in self.files | self.dirs | self.scratch}):
             kept += self.remove(top)
         return count, kept
+
+    def discard(self) -> None:
+        """Delete everything recorded, for a fresh run that stopped before it produced anything (its inputs
+        did not load); a folder the run created goes too, marker and lock included, if nothing else is in it."""
+        self.remove_all()
+        if not self.created or any(entry not in (MARKER, LOCK_FILE) for entry in os.listdir(self.root)):
+            return
+        for name in (MARKER, LOCK_FILE):
+            with writing(self.root / name, "output directory"):
+                os.unlink(self.root / name)
+        os.rmdir(self.root)
 
     # ----------------------------------------------------------------------------------------- lock
 
