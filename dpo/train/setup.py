@@ -79,7 +79,7 @@ def preference_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
             log(f"warning: {warning}")
     collate = partial(collate_paired if spec.paired else collate_unpaired, pad_token_id=tokenizer.pad_token_id)
     base = load_base_model(recipe.model, device=device)
-    policy = add_lora(base, recipe.lora, recipe.model.gradient_checkpointing)
+    policy = add_lora(base, recipe.lora, recipe.model.gradient_checkpointing, recipe.model.adapter)
     settings = LogprobSettings(cfg.logprob_impl, cfg.logprob_chunk_size)
     # Reference log-probs, once, before any training step; the step only looks them up.
     reference_train = reference_eval = None
