@@ -51,9 +51,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from dpo.files import WriteFailed
     from dpo.model import ModelError
     from dpo.reference import ReferenceMismatchError
+    from dpo.reward import GoldScorerError
     from dpo.train import CheckpointError
 
-    return RecipeError, ModelError, DataError, CheckpointError, ReferenceMismatchError, WriteFailed
+    return RecipeError, ModelError, DataError, CheckpointError, ReferenceMismatchError, WriteFailed, GoldScorerError
 
 
 @contextmanager
@@ -112,7 +113,8 @@ def train_command(
     precompute_only: PrecomputeOpt = False,
     verify_reference: VerifyOpt = None,
 ) -> None:
-    """Train a LoRA adapter with the recipe's loss (the default command: `dpo-train RECIPE`).
+    """Train a LoRA adapter with the recipe's task: a preference loss, a reward model, SFT, PPO or RLOO (the
+    default command: `dpo-train RECIPE`).
 
     Other commands: cache, merge, score, compare (`dpo-train COMMAND --help` explains each).
     """
@@ -159,17 +161,24 @@ def dry_run_report(recipe: Recipe, recipe_file: Path | None = None, resume: str 
     from dpo.data import prepare_data
     from dpo.losses import get_loss
     from dpo.model import load_tokenizer
+    from dpo.recipe import ONLINE_TASKS
     from dpo.train import preflight
 
     typer.echo("# resolved recipe")
     typer.echo(recipe.to_yaml())
     typer.echo("# output")
     typer.echo(preflight(recipe, resume=resume, overwrite=overwrite, force=force, recipe_file=recipe_file))
+    if recipe.task in ONLINE_TASKS:
+        from dpo.online.memory import describe_online
+
+        typer.echo(describe_online(recipe, log=typer.echo))
+        typer.echo("dry run: nothing was trained")
+        return
     spec = get_loss(recipe.loss.name)
     tokenizer = load_tokenizer(recipe.model)
     margin_column = recipe.reward.margin_column if recipe.task == "reward" else None
     data = prepare_data(recipe.data, tokenizer, unpaired=not spec.paired, seed=recipe.train.seed, log=typer.echo,
-                        margin_column=margin_column)
+                        margin_column=margin_column, completions=recipe.task == "sft")
     typer.echo(f"# data (layout: {data.layout})")
     typer.echo(data.stats.format())
     typer.echo(f"train examples: {len(data.train)}, eval examples: {len(data.eval)}")

@@ -23,6 +23,7 @@ Log = Callable[[str], None]
 # (JSON section, key, column heading) of the per-model table, in order.
 COLUMNS = [
     ("reward", "mean", "reward"),
+    ("gold", "mean", "gold"),
     ("reward", "win_rate", "win rate"),
     ("reward", "win_rate_length_controlled", "win rate, length ±10%"),
     ("reward", "length_controlled_pairs", "pairs, length ±10%"),
@@ -63,6 +64,11 @@ def model_numbers(result, reference) -> dict[str, Any]:
     kl, kl_se = cm.mean_and_standard_error([a - b for a, b in zip(result.logps, result.reference_logps)])
     tokens = sum(len(ids) for ids in samples.completion_ids)
     contents = [ids[:length] for ids, length in zip(samples.completion_ids, own_lengths)]
+    proxy_gain, proxy_se = cm.paired_gain(result.scores, reference.scores)
+    gold = {"mean": None, "gain": None, "gain_standard_error": None}
+    if result.gold is not None:
+        gold_gain, gold_se = cm.paired_gain(result.gold, reference.gold)
+        gold = {"mean": cm.mean(result.gold), "gain": gold_gain, "gain_standard_error": gold_se}
     return {
         "name": result.name,
         "reward": {
@@ -70,7 +76,12 @@ def model_numbers(result, reference) -> dict[str, Any]:
             "win_rate": cm.win_rate(result.scores, reference.scores),
             "win_rate_length_controlled": controlled,
             "length_controlled_pairs": controlled_pairs,
+            "gain": proxy_gain,
+            "gain_standard_error": proxy_se,
         },
+        "gold": gold,
+        "reward_hacking": result is not reference and cm.reward_hacking(proxy_gain, proxy_se, gold["gain"]),
+        "budget": result.budget,
         "preference_accuracy": {"value": result.preference_accuracy, "method": result.accuracy_method},
         "drift": {"kl": kl, "kl_standard_error": kl_se, "samples": len(result.logps)},
         "verbosity": {
@@ -114,19 +125,24 @@ def markdown(report: dict[str, Any]) -> str:
     settings = report["settings"]
     reference = settings["reference"]
     generation = settings["generation"]
+    gold = settings.get("gold")
+    columns = [c for c in COLUMNS if gold or c[0] != "gold"]
     lines = [
         "# Model comparison",
         "",
         f"{len(report['models'])} models, {settings['prompt_count']} prompts, "
         f"{generation['samples_per_prompt']} sample(s) per prompt ({settings['samples_per_model']} per model), "
-        f"reference model **{reference}**, reward model `{report['reward_model']['path']}`.",
+        f"reference model **{reference}**, reward model `{report['reward_model']['path']}`"
+        + (f", gold scorer `{gold}`." if gold else "."),
         "",
-        "| model | " + " | ".join(heading for _, _, heading in COLUMNS) + " |",
-        "|---|" + "---:|" * len(COLUMNS),
+        "| model | " + " | ".join(heading for _, _, heading in columns) + " |",
+        "|---|" + "---:|" * len(columns),
     ]
     for model in report["models"]:
-        cells = [fmt(model[section][key]) for section, key, _ in COLUMNS]
+        cells = [fmt(model[section][key]) for section, key, _ in columns]
         lines.append(f"| {model['name']} | " + " | ".join(cells) + " |")
+    lines += over_optimisation_section(report)
+    lines += budget_section(report)
     reward = report["reward_model"]
     lines += ["", "## Preference accuracy on the held-out pairs", ""]
     if reward["pairs"]:
@@ -170,23 +186,67 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def over_optimisation_section(report: dict[str, Any]) -> list[str]:
+    """Proxy and gold gains over the reference, and the models flagged for reward hacking (with a gold scorer)."""
+    if not report["settings"].get("gold"):
+        return []
+    reference = report["settings"]["reference"]
+    lines = ["", "## Proxy against gold", "",
+             f"Gains over **{reference}** on the same prompts and sample numbers (mean difference ± standard error).",
+             "A model is flagged when its reward-model score rose by more than two standard errors while its gold "
+             "reward did not rise: the proxy is being optimised past what it measures (reward hacking, Gao et al. "
+             "2022). `reward_vs_kl.png` shows both against KL.", "",
+             "| model | proxy gain | gold gain | KL(π‖π_ref) | flag |", "|---|---:|---:|---:|---|"]
+    for model in report["models"]:
+        if model["name"] == reference:
+            continue
+        proxy, gold = model["reward"], model["gold"]
+        flag = "**reward hacking**: proxy up, gold not" if model["reward_hacking"] else ""
+        lines.append(f"| {model['name']} | {fmt(proxy['gain'])} ± {fmt(proxy['gain_standard_error'])} | "
+                     f"{fmt(gold['gain'])} ± {fmt(gold['gain_standard_error'])} | {fmt(model['drift']['kl'])} | {flag} |")
+    return lines
+
+
+def budget_section(report: dict[str, Any]) -> list[str]:
+    """Each trained run's budget: optimizer steps, and for online runs the samples generated and wall time."""
+    runs = [m for m in report["models"] if m.get("budget")]
+    if not runs:
+        return []
+    lines = ["", "## Training budget", "",
+             "| model | optimizer steps | samples generated | tokens generated | rollouts | wall time (s) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for model in runs:
+        budget = model["budget"]
+        cells = [fmt(budget.get(key)) for key in ("optimizer_steps", "samples_generated", "tokens_generated",
+                                                  "rollouts", "wall_time_s")]
+        lines.append(f"| {model['name']} | " + " | ".join(cells) + " |")
+    lines += ["", "Samples and wall time are an online run's (rollouts sampled in training, wall time from its first "
+              "rollout to its end, over resumed runs); an offline run shows its optimizer steps."]
+    return lines
+
+
 def plot(report: dict[str, Any], model_lengths: dict[str, list[int]], out_dir: Path) -> list[Path]:
-    """``reward_vs_kl.png`` (mean reward against KL, with the KL's standard error) and ``lengths.png``."""
+    """``reward_vs_kl.png`` (mean reward against KL, with the KL's standard error; with a gold scorer a second
+    panel, the gold reward against KL) and ``lengths.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = report["models"]
-    figure, axes = plt.subplots(figsize=(6, 4.5))
-    for model in models:
-        kl, se, reward = model["drift"]["kl"], model["drift"]["kl_standard_error"], model["reward"]["mean"]
-        axes.errorbar([kl], [reward], xerr=[se or 0.0], fmt="o", capsize=4, label=model["name"])
-        axes.annotate(model["name"], (kl, reward), textcoords="offset points", xytext=(6, 6))
-    axes.set_xlabel(f"KL(π ‖ π_ref), nats per sample (π_ref = {report['settings']['reference']})")
-    axes.set_ylabel("mean reward-model score")
-    axes.set_title("Reward against drift from the reference")
-    axes.grid(alpha=0.3)
+    panels = [("reward", "mean reward-model score (proxy)")]
+    if report["settings"].get("gold"):
+        panels.append(("gold", "mean gold reward"))
+    figure, all_axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for axes, (section, label) in zip(all_axes[0], panels):
+        for model in models:
+            kl, se, value = model["drift"]["kl"], model["drift"]["kl_standard_error"], model[section]["mean"]
+            axes.errorbar([kl], [value], xerr=[se or 0.0], fmt="o", capsize=4, label=model["name"])
+            axes.annotate(model["name"], (kl, value), textcoords="offset points", xytext=(6, 6))
+        axes.set_xlabel(f"KL(π ‖ π_ref), nats per sample (π_ref = {report['settings']['reference']})")
+        axes.set_ylabel(label)
+        axes.set_title(f"{label.split(' (')[0].capitalize()} against drift from the reference")
+        axes.grid(alpha=0.3)
     figure.tight_layout()
     reward_path = out_dir / "reward_vs_kl.png"
     figure.savefig(reward_path, dpi=120, metadata={"Software": None})
@@ -222,6 +282,7 @@ def write_report(report: dict[str, Any], results: list, prompts: list[Any], deco
                     "model": result.name, "prompt_index": prompt_index, "prompt": prompts[prompt_index],
                     "completion": completion_text(samples.completion_ids[i], decode, eos_id),
                     "length": sample_lengths[i], "ended": samples.ended[i], "score": result.scores[i],
+                    "gold": result.gold[i] if result.gold is not None else None,
                     "logp": result.logps[i], "reference_logp": result.reference_logps[i],
                 }, ensure_ascii=False) + "\n")
     plot(report, {r.name: lengths(r.samples) for r in results}, out_dir)

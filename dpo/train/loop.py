@@ -41,12 +41,13 @@ from dpo.train.checkpoint import (
     run_differences,
     run_inputs,
     run_record,
+    save_adapters,
     save_checkpoint,
     version_notes,
 )
 from dpo.train.metric_log import MetricLog, require_tensorboard
 from dpo.train.parallel import average_gradients, broadcast_parameters, merge_sums, shard
-from dpo.train.setup import preference_setup, reward_setup
+from dpo.train.setup import SETUPS
 
 Log = Callable[[str], None]
 Gather = Callable[[object], list]
@@ -145,19 +146,6 @@ def describe_eval(tag: str, metrics: dict[str, float]) -> str:
 # ------------------------------------------------------------------------------------------ the loop
 
 
-def epoch_batches(num_rows: int, batch_size: int, seed: int, epoch: int, drop_last: bool) -> list[list[int]]:
-    """Row positions of every micro-batch of one epoch, in order.
-
-    The shuffle depends only on ``(seed, epoch)``, so a resumed run rebuilds the order from its
-    checkpointed position instead of replaying a data loader's hidden state.
-    """
-    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    batches = [order[i : i + batch_size] for i in range(0, num_rows, batch_size)]
-    if drop_last and batches and len(batches[-1]) < batch_size:
-        batches.pop()
-    return batches
-
-
 def count_step(loop: LoopState, losses: list[float], applied: bool, scaler_active: bool, log: Log) -> None:
     """Update the bad-step counters after a step and report a skipped one with its real values."""
     if applied:
@@ -254,8 +242,7 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
     # 1. Data, model and loss for the recipe's task. The main process goes first: it fills the tokenized
     # data and reference caches, which the others then read.
     with accelerator.main_process_first():
-        setup = (reward_setup(recipe, device, log) if recipe.task == "reward"
-                 else preference_setup(recipe, device, log))
+        setup = SETUPS[recipe.task](recipe, device, log)
     model, step_module, loss_fn = setup.model, setup.step_module, setup.loss_fn
     run = run_record(recipe_tree, setup.fingerprints, world)
     if checkpoint is not None:
@@ -273,20 +260,10 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
         # Every process starts from process 0's adapter, and draws its own dropout masks.
         broadcast_parameters(params)
         set_seed(cfg.seed + rank)
-    num_rows = len(setup.train_rows)
-    micro_batches = num_rows // cfg.batch_size if setup.drop_last else math.ceil(num_rows / cfg.batch_size)
-    if micro_batches == 0:
-        raise ValueError(f"data.train: {num_rows} training examples, fewer than train.batch_size "
-                         f"({cfg.batch_size}) which this loss needs in every batch; lower train.batch_size")
-    if micro_batches < world:
-        raise ValueError(f"data.train: {num_rows} training examples make {micro_batches} micro-batches of "
-                         f"train.batch_size={cfg.batch_size}, fewer than the {world} processes that each need "
-                         "one; lower train.batch_size or use fewer processes")
-    if micro_batches % world:
-        log(f"note: {micro_batches} micro-batches an epoch over {world} processes: the last {micro_batches % world} "
-            "of each epoch's shuffled order are left out, so every process takes as many")
+    # An epoch is a pass over the training rows, or an online task's rollout (see dpo.train.setup).
+    micro_batches = setup.batches.micro_batches(cfg.batch_size, world, log)
     steps_per_epoch = max(1, micro_batches // world // cfg.grad_accum)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    total_steps = cfg.max_steps or setup.batches.epochs(cfg.epochs) * steps_per_epoch
     optimizer = build_optimizer(params, cfg)
     # Not handed to accelerate.prepare: its scheduler wrapper would step once per process, and the step module
     # is not wrapped in DDP (see dpo.train.parallel).
@@ -313,14 +290,15 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
         if is_main:
             path = save_checkpoint(run_dir, loop, model=model, optimizer=optimizer, scheduler=scheduler,
                                    scaler=accelerator.scaler, param_names=param_names, rng_states=rng_states,
-                                   run=run, keep_last=cfg.keep_last, log=log)
+                                   run=run, keep_last=cfg.keep_last, log=log, batch_state=setup.batches.state())
         accelerator.wait_for_everyone()
         return path
 
     # 3. Where to start: a checkpoint's state, or the untrained policy's held-out metrics.
     if checkpoint is not None:
         loop = restore_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler,
-                                  scaler=accelerator.scaler, param_names=param_names, process_index=rank)
+                                  scaler=accelerator.scaler, param_names=param_names, process_index=rank,
+                                  batches=setup.batches)
         if not is_main:
             loop.window_sums, loop.window_counts = {}, {}
         if is_main and rewind_metrics(metrics_path, loop.step, final=loop.step >= total_steps):
@@ -348,12 +326,12 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
     progress = tqdm(total=total_steps, initial=loop.step, desc="train", disable=not is_main)
     with StopSignals() as signals:
         while loop.step < total_steps:
-            batches = shard(epoch_batches(num_rows, cfg.batch_size, cfg.seed, loop.epoch, setup.drop_last),
-                            rank, world, whole_rounds=True)
+            started = time.perf_counter()
+            batches = setup.batches.epoch(loop.epoch, rank, world)  # an online task samples its rollout here
+            window_start += time.perf_counter() - started  # tokens_per_s is the update's (rollouts log their own)
             while loop.micro_batch < len(batches) and loop.step < total_steps:
-                rows = [setup.train_rows[i] for i in batches[loop.micro_batch]]
+                batch = {k: v.to(device) for k, v in batches[loop.micro_batch].items()}
                 loop.micro_batch += 1
-                batch = {k: v.to(device) for k, v in setup.collate(rows).items()}
                 with accelerator.accumulate(step_module):
                     out = loss_fn(step_module, batch, "train")
                     loss = out.losses.mean()
@@ -435,10 +413,10 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
         metric_log.write({"split": "eval", "step": loop.step, **after})
     metric_log.close()
     adapter_dir = out_dir / "adapter"
-    summary = {"eval_before": loop.eval_before, "eval_after": after, "steps": loop.step}
+    summary = {"eval_before": loop.eval_before, "eval_after": after, "steps": loop.step, **setup.batches.summary()}
     if is_main:
         def save_adapter(folder: Path) -> None:
-            model.save_pretrained(folder, safe_serialization=True)
+            save_adapters(model, folder)
             setup.tokenizer.save_pretrained(folder)
 
         run_dir.write_folder("adapter", save_adapter, "adapter",
