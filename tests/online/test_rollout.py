@@ -1,0 +1,93 @@
+"""Rollouts as the training loop's batches: every metric logged, a resume in the middle of a rollout equal
+bit for bit to the run that never stopped, bad steps skipped."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import torch
+from safetensors.torch import load_file
+
+from dpo.cli import main
+from dpo.recipe import load_recipe
+from dpo.train import train
+from tests.online.conftest import online_recipe
+
+TIMING = ("tokens_per_s", "rollout/tokens_per_s", "rollout/seconds")
+PPO_KEYS = {"loss", "reward/proxy", "reward/gold", "reward/total", "kl/k1", "kl/k3", "entropy", "length", "ended",
+            "policy/clip_fraction", "policy/approx_kl", "policy/loss", "value/loss", "value/explained_variance",
+            "value/clip_fraction", "advantages/mean", "advantages/std", "kl_coef", "rollout/tokens_per_s",
+            "tokens_per_s", "grad_norm", "lr", "bad_steps"}
+
+
+def records(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def test_ppo_logs_every_metric_and_its_budget(tiny, tmp_path):
+    out = tmp_path / "ppo"
+    main([str(online_recipe(tiny, out))])
+    train_records = [r for r in records(out) if r["split"] == "train"]
+    assert [r["step"] for r in train_records] == [2, 4, 6]
+    for record in train_records:
+        assert PPO_KEYS <= set(record), PPO_KEYS - set(record)
+        assert record["kl/k3"] >= 0 and 0 <= record["ended"] <= 1
+    evals = [r for r in records(out) if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 6] and "loss" not in evals[0]
+    assert evals[0]["kl/k1"] == 0.0  # the untrained policy is the reference: every log-ratio is exactly 0
+    final = json.loads((out / "final_metrics.json").read_text())
+    # 6 steps of 4 micro-batches a rollout (2 passes over 4 samples in pairs): rollouts 0 and 1, 4 samples each.
+    assert final["budget"]["samples_generated"] == 8 and final["budget"]["rollouts"] == 2
+    assert final["budget"]["wall_time_s"] > 0 and final["steps"] == 6
+    # The policy at the top of adapter/, the value model beside it; the frozen reward adapter is not copied.
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "adapter" / "value" / "adapter_model.safetensors").is_file()
+    assert not (out / "adapter" / "reward").exists()
+
+
+def test_a_ppo_run_resumed_mid_rollout_equals_the_uninterrupted_run_bit_for_bit(tiny, tmp_path):
+    out = tmp_path / "ppo"
+    recipe = load_recipe(online_recipe(tiny, out))
+    train(recipe, log=lambda _: None)
+    uninterrupted = {name: load_file(out / "adapter" / name) for name in ("adapter_model.safetensors",
+                                                                           "value/adapter_model.safetensors")}
+    first_records = records(out)
+    # Step 3 is the middle of rollout 0 (steps 1-4): the resumed run must continue on the same samples.
+    state = load_file(out / "checkpoints" / "step-000003" / "batches.safetensors")
+    assert int(state["number"][0]) == 0 and state["rollout.input_ids"].shape[0] == 4
+    shutil.rmtree(out / "adapter")
+    train(recipe, log=lambda _: None, resume=out / "checkpoints" / "step-000003")
+    for name, tensors in uninterrupted.items():
+        resumed = load_file(out / "adapter" / name)
+        assert tensors.keys() == resumed.keys()
+        for key in tensors:
+            assert torch.equal(tensors[key], resumed[key]), key
+    assert without_timing(records(out)) == without_timing(first_records)
+
+
+def test_rloo_skips_a_bad_step_and_goes_on(tiny, tmp_path, monkeypatch):
+    from dpo.online.rollout import Rollouts
+
+    real = Rollouts.loss
+    calls = []
+
+    def loss(self, step, batch, split):
+        out = real(self, step, batch, split)
+        if split == "train":
+            calls.append(1)
+            if len(calls) == 3:  # step 3's only micro-batch: a non-finite loss
+                out.losses.data.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(Rollouts, "loss", loss)
+    out = tmp_path / "rloo"
+    main([str(online_recipe(tiny, out, task="rloo", online={"ppo_epochs": 1},
+                           train={"batch_size": 8, "max_steps": 4}))])
+    train_records = [r for r in records(out) if r["split"] == "train"]
+    assert train_records[-1]["bad_steps"] == 1 and train_records[-1]["step"] == 4
+    assert "value/loss" not in train_records[-1] and "policy/clip_fraction" in train_records[-1]
