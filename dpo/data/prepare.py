@@ -160,6 +160,8 @@ def prepare_data(
         "unpaired": unpaired,
         "seed": seed if unpaired else None,
     }
+    if completions and single:
+        settings["completions"] = True  # rows for supervised fine-tuning: no KL completions
     cache_dir = Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else default_cache_dir()
     splits = {}
     for name, rows, canonical in (("train", train_rows, train), ("eval", eval_rows, evaluation or train)):
@@ -309,7 +311,8 @@ def _tokenized_split(
 
     def tokenize():
         return _tokenize(rows, canonical, tokenizer, data_cfg, sides, template, template_label,
-                         unpaired=settings["unpaired"], seed=settings["seed"], log=log, name=name, key=key)
+                         unpaired=settings["unpaired"], seed=settings["seed"], log=log, name=name, key=key,
+                         with_kl=not settings.get("completions", False))
 
     # An empty split is built at once and never cached: datasets cannot load an empty saved dataset back.
     if not rows:
@@ -384,6 +387,7 @@ def _tokenize(
     log: Callable[[str], None],
     name: str,
     key: str,
+    with_kl: bool = True,
 ) -> tuple[datasets.Dataset, dict[str, Any], dict[str, np.ndarray]]:
     unit = _unit(canonical)
     if not rows:
@@ -437,7 +441,7 @@ def _tokenize(
             dataset = _paired_dataset(kept)
         else:
             dataset = _unpaired_dataset(kept, paired=canonical.layout not in SINGLE_LAYOUTS, seed=seed,
-                                        max_length=data_cfg.max_length)
+                                        max_length=data_cfg.max_length, with_kl=with_kl)
     meta = {
         "count": len(kept),
         "truncated": int(columns["truncated"].astype(bool).sum()),
@@ -473,13 +477,16 @@ def _paired_dataset(kept: datasets.Dataset) -> datasets.Dataset:
     return columns.add_column("index", np.arange(len(kept), dtype=np.int64)).cast(features)
 
 
-def _unpaired_dataset(kept: datasets.Dataset, *, paired: bool, seed: int | None, max_length: int) -> datasets.Dataset:
+def _unpaired_dataset(kept: datasets.Dataset, *, paired: bool, seed: int | None, max_length: int,
+                      with_kl: bool = True) -> datasets.Dataset:
+    """Unpaired rows; ``with_kl`` false (supervised fine-tuning) leaves every KL completion empty."""
     seed = 0 if seed is None else seed
     if paired:
         columns = kept.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).to_dict()
         rows = pairs_to_unpaired(columns["prompt_ids"], columns["chosen_ids"], columns["rejected_ids"], seed)
     else:
         rows = kept.select_columns(["prompt_ids", "completion_ids", "label"]).to_dict()
-    rows["kl_completion_ids"] = kl_completions(rows["prompt_ids"], rows["completion_ids"], seed, max_length)
+    rows["kl_completion_ids"] = (kl_completions(rows["prompt_ids"], rows["completion_ids"], seed, max_length) if with_kl
+                                 else [[] for _ in rows["completion_ids"]])
     rows["index"] = list(range(len(rows["label"])))
     return datasets.Dataset.from_dict(rows, features=UNPAIRED_FEATURES)
