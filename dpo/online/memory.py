@@ -101,7 +101,7 @@ def estimate_online(recipe: Recipe, shape: ModelShape, reward_shape: ModelShape 
     roles = 2 if recipe.task == "ppo" else 1
     rows = recipe.train.batch_size * roles
     step = estimate_step(shape, plan, Batch(rows=rows, tokens=length, completion_tokens=rows * new, padded=True))
-    update = step.peak - step.persistent
+    update = step.peak - step.persistent - step.lora_grads  # the adapters' gradients are resident above
     return OnlineMemory(quantized + other, adapter_bytes(shape, plan, trained=True), value, reward, reference,
                         kv_cache, logits, scoring, update, note)
 
@@ -143,8 +143,8 @@ def online_memory_report(recipe: Recipe, device_bytes: int | None = None) -> tup
     ]
     phase = max(memory.phases, key=memory.phases.get)
     lines = [f"# memory of the online step (estimated peak on a CUDA device, {base} base, LoRA r={plan.lora_r})"]
-    lines += [f"  {name:<52}{format_bytes(value)}" for name, value in rows]
-    lines.append(f"  {'estimated peak':<52}{format_bytes(memory.peak)} (resident {format_bytes(memory.resident).strip()} "
+    lines += [f"  {name:<60}{format_bytes(value)}" for name, value in rows]
+    lines.append(f"  {'estimated peak':<60}{format_bytes(memory.peak)} (resident {format_bytes(memory.resident).strip()} "
                  f"+ the {phase} phase)")
     if reward_line:
         lines.append(reward_line)

@@ -94,7 +94,13 @@ def add_reward_lora(model: nn.Module, lora: LoraConfig, gradient_checkpointing: 
     causal-LM adapter, with its rank and targets, trained on from where it is.
     """
     from peft import LoraConfig as PeftLoraConfig
-    from peft import PeftConfig, get_peft_model, prepare_model_for_kbit_training, set_peft_model_state_dict
+    from peft import (
+        PeftConfig,
+        get_peft_model,
+        get_peft_model_state_dict,
+        prepare_model_for_kbit_training,
+        set_peft_model_state_dict,
+    )
 
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(
@@ -119,10 +125,12 @@ def add_reward_lora(model: nn.Module, lora: LoraConfig, gradient_checkpointing: 
     if adapter is not None:
         from safetensors.torch import load_file
 
-        result = set_peft_model_state_dict(peft_model, load_file(str(Path(adapter) / "adapter_model.safetensors")))
-        if result.unexpected_keys:
-            raise ModelError(f"model.adapter: {adapter!r} does not fit this base's trunk (unexpected: "
-                             f"{result.unexpected_keys[:3]})")
+        start = load_file(str(Path(adapter) / "adapter_model.safetensors"))
+        state = get_peft_model_state_dict(peft_model)  # the new head's weights, and the trunk's to replace
+        unknown = sorted(set(start) - set(state))
+        if unknown:
+            raise ModelError(f"model.adapter: {adapter!r} does not fit this base's trunk (unexpected: {unknown[:3]})")
+        set_peft_model_state_dict(peft_model, {**state, **start})
     return peft_model
 
 

@@ -1,8 +1,11 @@
 """The training loop: one function, read top to bottom.
 
-recipe -> task setup (data, model, step module, loss, reference log-probs; :mod:`dpo.train.setup`) ->
-optimizer steps over the step module's forward and the loss -> evaluations, checkpoints, metrics ->
-adapter. The loop never looks at the task or the loss by name: it runs what the setup hands it.
+recipe -> task setup (data, model, step module, loss, reference log-probs, batch source;
+:mod:`dpo.train.setup`) -> optimizer steps over the step module's forward and the loss -> evaluations,
+checkpoints, metrics -> adapter. The loop never looks at the task or the loss by name: it runs what the setup
+hands it. Each epoch's micro-batches come from the batch source: shuffled training rows, or for an online
+task one rollout, sampled when the epoch starts (see ARCHITECTURE.md, "One loop for offline and online
+training").
 """
 
 from __future__ import annotations
