@@ -352,7 +352,7 @@ class OnlineGeneration(_Section):
 
 
 # Keys of ``online`` that only one online task reads (the other refuses them when set).
-PPO_ONLY = ("value_clip_range", "value_coef", "gamma", "gae_lambda", "whiten_advantages")
+PPO_ONLY = ("value_clip_range", "value_coef", "value_lr", "gamma", "gae_lambda", "whiten_advantages")
 RLOO_ONLY = ("advantage",)
 
 
@@ -367,8 +367,8 @@ class OnlineConfig(_Section):
     samples when set, Ziegler et al. 2019). ``gold`` is an optional ``module:function`` scoring
     (prompt, completion) -> float, logged beside the reward model's score (it runs your code).
 
-    PPO only: ``value_clip_range``, ``value_coef`` (the value loss's weight), ``gamma`` and
-    ``gae_lambda`` (GAE) and ``whiten_advantages``. RLOO only: ``advantage``: ``rloo`` (leave-one-out
+    PPO only: ``value_clip_range``, ``value_coef`` (the value loss's weight), ``value_lr`` (the value head's
+    learning rate; null: ``train.lr``), ``gamma`` and ``gae_lambda`` (GAE) and ``whiten_advantages``. RLOO only: ``advantage``: ``rloo`` (leave-one-out
     baseline) or ``grpo`` (group-normalised).
     """
 
@@ -385,6 +385,7 @@ class OnlineConfig(_Section):
     max_eval_prompts: int | None = Field(None, ge=1)
     value_clip_range: float = Field(0.2, gt=0)
     value_coef: float = Field(0.1, ge=0)
+    value_lr: float | None = Field(None, gt=0)
     gamma: float = Field(1.0, ge=0, le=1)
     gae_lambda: float = Field(0.95, ge=0, le=1)
     whiten_advantages: bool = True

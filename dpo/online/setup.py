@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from dpo.losses import LossOutput
 from dpo.model import LogprobSettings
-from dpo.online.logprobs import completion_logprobs, completion_values
+from dpo.online.logprobs import VALUE_HEAD, completion_logprobs, completion_values
 from dpo.online.roles import OnlineModel, build_online_model
 from dpo.online.rollout import Rollouts, collate_prompts, prompt_rows, read_online_prompts
 from dpo.recipe import Recipe
@@ -57,6 +57,7 @@ class OnlineParts:
     loss_fn: Callable[[nn.Module, dict[str, Tensor], str], LossOutput]
     batches: Rollouts
     fingerprints: dict[str, str]
+    lr_of: Callable[[str], float | None]
 
 
 def online_parts(recipe: Recipe, device, log: Log) -> OnlineParts:
@@ -69,6 +70,12 @@ def online_parts(recipe: Recipe, device, log: Log) -> OnlineParts:
     log(f"online ({recipe.task}): {rollouts.samples_per_rollout} samples a rollout "
         f"({recipe.online.prompts_per_rollout} prompts x {recipe.online.generation.samples_per_prompt}), "
         f"{recipe.online.ppo_epochs} pass(es) over each in micro-batches of {recipe.train.batch_size}")
+    value_lr = recipe.online.value_lr
+
+    def lr_of(name: str) -> float | None:
+        # The value head starts from zero and has a whole value range to learn; the adapters only nudge.
+        return value_lr if value_lr is not None and f"{VALUE_HEAD}.modules_to_save." in name else None
+
     return OnlineParts(model.peft, step, model.tokenizer, prompt_rows(prompts.train_ids),
                        prompt_rows(prompts.eval_ids), collate_prompts, rollouts.loss, rollouts,
-                       prompts.fingerprints())
+                       prompts.fingerprints(), lr_of)

@@ -86,8 +86,9 @@ class MetricWindow:
         self.counts.clear()
 
 
-def build_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW from torch, or bitsandbytes' 8-bit (optionally paged) AdamW.
+def build_optimizer(params: list[torch.nn.Parameter] | list[dict], train: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW from torch, or bitsandbytes' 8-bit (optionally paged) AdamW, over parameters or parameter groups
+    (a group's ``lr`` overrides ``train.lr``).
 
     The 8-bit variants keep both moments of every tensor of 4096+ values in 8 bits with one float32 scale
     per 256 (2 bytes a parameter instead of 8); the paged one keeps them in unified memory that can spill
@@ -257,8 +258,10 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
     metrics_path = out_dir / "metrics.jsonl"  # written through MetricLog, by the main process only
 
     # 2. Optimizer, schedule, data order.
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    param_names, params = [name for name, _ in trainable], [p for _, p in trainable]
+    # Parameter groups (one, unless the task trains parts at their own learning rate), in the optimizer's order.
+    groups = setup.param_groups([(name, p) for name, p in model.named_parameters() if p.requires_grad])
+    param_names, params = [name for members, _ in groups for name, _ in members], [p for members, _ in groups
+                                                                                     for _, p in members]
     if world > 1:
         # Every process starts from process 0's adapter, and draws its own dropout masks.
         broadcast_parameters(params)
@@ -267,7 +270,7 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
     micro_batches = setup.batches.micro_batches(cfg.batch_size, world, log)
     steps_per_epoch = max(1, micro_batches // world // cfg.grad_accum)
     total_steps = cfg.max_steps or setup.batches.epochs(cfg.epochs) * steps_per_epoch
-    optimizer = build_optimizer(params, cfg)
+    optimizer = build_optimizer([{"params": [p for _, p in members], **options} for members, options in groups], cfg)
     # Not handed to accelerate.prepare: its scheduler wrapper would step once per process, and the step module
     # is not wrapped in DDP (see dpo.train.parallel).
     scheduler = build_scheduler(optimizer, cfg, total_steps)

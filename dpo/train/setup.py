@@ -154,6 +154,8 @@ class TrainSetup:
         batches: where the training micro-batches come from; by default :class:`RowBatches` over
             ``train_rows`` (an online task's source samples rollouts).
         batch_size, seed: ``train.batch_size`` and ``train.seed``, for the default batch source.
+        lr_of: the learning rate of a trainable parameter by name, or None for ``train.lr`` (an online task's
+            value head learns at ``online.value_lr``).
     """
 
     model: torch.nn.Module
@@ -169,10 +171,20 @@ class TrainSetup:
     batches: BatchSource | None = None
     batch_size: int = 1
     seed: int = 0
+    lr_of: Callable[[str], float | None] | None = None
 
     def __post_init__(self) -> None:
         if self.batches is None:
             self.batches = RowBatches(self.train_rows, self.collate, self.batch_size, self.seed, self.drop_last)
+
+    def param_groups(self, trainable: list[tuple[str, torch.nn.Parameter]]
+                     ) -> list[tuple[list[tuple[str, torch.nn.Parameter]], dict[str, float]]]:
+        """The optimizer's parameter groups as ``(named parameters, options)``: one group at ``train.lr``, and
+        one per other learning rate ``lr_of`` gives (in the order the parameters first appear)."""
+        groups: dict[float | None, list[tuple[str, torch.nn.Parameter]]] = {}
+        for name, param in trainable:
+            groups.setdefault(self.lr_of(name) if self.lr_of else None, []).append((name, param))
+        return [(members, {} if lr is None else {"lr": lr}) for lr, members in groups.items()]
 
 
 def preference_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
@@ -284,7 +296,7 @@ def online_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
     parts = online_parts(recipe, device, log)
     return TrainSetup(parts.model, parts.step_module, parts.tokenizer, parts.train_rows, parts.eval_rows,
                       parts.collate, parts.loss_fn, ("reward/proxy", "held-out reward-model score"),
-                      fingerprints=parts.fingerprints, batches=parts.batches)
+                      fingerprints=parts.fingerprints, batches=parts.batches, lr_of=parts.lr_of)
 
 
 # The setup function of each recipe task.
