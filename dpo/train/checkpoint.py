@@ -348,7 +348,10 @@ def run_inputs(recipe, recipe_file: Path | None = None) -> list[tuple[str, Path]
     template = data.chat_template
     if template is not None and ("{{" in template or "{%" in template):
         template = None  # an inline template, not a file
-    named = [("the recipe", recipe_file), ("model.path", recipe.model.path), ("data.train", data.train),
+    online = getattr(recipe, "online", None)
+    named = [("the recipe", recipe_file), ("model.path", recipe.model.path),
+             ("model.adapter", getattr(recipe.model, "adapter", None)),
+             ("online.reward_model", online.reward_model if online is not None else None), ("data.train", data.train),
              ("data.eval", data.eval), ("data.chat_template", template), ("data.cache_dir", data.cache_dir),
              ("reference.model_path", reference.model_path), ("reference.adapter", reference.adapter),
              ("reference.cache_dir", reference.cache_dir)]
@@ -889,6 +892,8 @@ def recipe_differences(saved_run: dict[str, Any], recipe_tree: dict[str, Any]) -
         if key in IGNORED_ON_RESUME or CONTENT_CHECKED.get(key) in fingerprints:
             continue
         before, after = saved.get(key, _ABSENT), now.get(key, _ABSENT)
+        if before in (None, _ABSENT) and after in (None, _ABSENT):
+            continue  # a key added since the checkpoint was written, at its default "none"
         if before != after:
             lines.append(f"{key}: {before!r} in the checkpoint, {after!r} now")
     return lines

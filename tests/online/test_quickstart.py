@@ -16,8 +16,6 @@ from dpo.cli import main
 from tests.helpers import write_jsonl, write_recipe
 
 EVAL = "recipes/quickstart/data/eval.jsonl"
-RM_STEPS = 1000  # of recipes/reward-quickstart.yaml's 1500: held-out accuracy 1.0, and a proxy that PPO and
-# RLOO cannot yet exploit at the budgets below (a 500-700 step one is: see the README's Online baselines)
 
 
 def final(run: Path) -> dict:
@@ -28,8 +26,10 @@ def final(run: Path) -> dict:
 def pipeline(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("online-quickstart")
     main(["recipes/sft-quickstart.yaml", "--set", f"output.dir={tmp / 'sft'}", "--set", "train.log_every=50"])
-    main(["recipes/reward-quickstart.yaml", "--set", f"output.dir={tmp / 'reward'}", "--set",
-          f"train.max_steps={RM_STEPS}", "--set", "train.eval_every=null", "--set", "train.log_every=250"])
+    # The shipped reward model as it is: shorter ones (500-1000 steps) reach the same held-out accuracy but score
+    # some answers of the wrong form highly, and PPO and RLOO then raise the proxy at the gold reward's expense.
+    main(["recipes/reward-quickstart.yaml", "--set", f"output.dir={tmp / 'reward'}", "--set", "train.eval_every=null",
+          "--set", "train.log_every=250"])
     return tmp
 
 
