@@ -143,16 +143,22 @@ def run_budget(run_dir: str | Path) -> dict[str, Any] | None:
 
 @torch.no_grad()
 def sample_logps(model: nn.Module, prompt_ids: list[list[int]], samples: Samples, pad_token_id: int,
-                 batch_size: int, device) -> list[float]:
-    """Summed log-probs of each sample's completion tokens (EOS included) under ``model``."""
+                 batch_size: int, device, temperature: float = 1.0) -> list[float]:
+    """Summed log-probs of each sample's completion tokens (EOS included) under ``model``, at the sampling
+    ``temperature`` (the logits divided by it, as :mod:`dpo.online` trains), so that their difference between a
+    model and the reference estimates the KL of the samplers themselves."""
     from dpo.data.collate import pad_sequences
+    from dpo.online.logprobs import completion_logprobs
 
     values: list[float] = []
     pairs = [(prompt_ids[p], c) for p, c in zip(samples.prompt_index, samples.completion_ids)]
     for start in range(0, len(pairs), batch_size):
         batch = {k: v.to(device) for k, v in pad_sequences(pairs[start : start + batch_size], pad_token_id).items()}
-        sums, _ = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                    LogprobSettings())
+        if temperature == 1.0:
+            sums, _ = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                        LogprobSettings())
+        else:
+            sums = completion_logprobs(model, batch, LogprobSettings(), temperature)[0].sum(dim=1)
         values.extend(sums.cpu().tolist())
     return values
 
@@ -237,9 +243,10 @@ def run_compare(config: CompareConfig, source: str = "compare file", log: Log = 
         log(f"{entry.name}: sampling {sampling.samples_per_prompt} completion(s) for each of {len(prompts)} prompts")
         samples = sample_completions(policy.model, policy.tokenizer, prompt_ids, sampling, device)
         pad = reference.tokenizer.pad_token_id
-        logps = sample_logps(policy.model, prompt_ids, samples, pad, sampling.batch_size, device)
-        reference_logps = (logps if policy is reference
-                           else sample_logps(reference.model, prompt_ids, samples, pad, sampling.batch_size, device))
+        temperature = sampling.temperature or 1.0  # greedy samples: the models' own log-probs
+        logps = sample_logps(policy.model, prompt_ids, samples, pad, sampling.batch_size, device, temperature)
+        reference_logps = (logps if policy is reference else sample_logps(
+            reference.model, prompt_ids, samples, pad, sampling.batch_size, device, temperature))
         result = ModelResult(entry.name, samples, logps, reference_logps,
                              budget=run_budget(entry.run) if entry.run is not None else None)
         if pair_rows is not None:

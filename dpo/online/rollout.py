@@ -22,7 +22,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -107,10 +107,14 @@ class Budget:
     tokens: int = 0
     rollouts: int = 0
     wall_time_s: float = 0.0
-    started: float = field(default_factory=time.perf_counter)
+    started: float | None = None  # when this process took its first rollout (or resumed)
+
+    def start(self) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
 
     def elapsed(self) -> float:
-        return self.wall_time_s + time.perf_counter() - self.started
+        return self.wall_time_s + (time.perf_counter() - self.started if self.started is not None else 0.0)
 
 
 class Rollouts:
@@ -158,6 +162,7 @@ class Rollouts:
     def epoch(self, number: int, rank: int = 0, world: int = 1) -> list[dict[str, Tensor]]:
         """The micro-batches of rollout ``number``, sampled now unless the restored one is that rollout. Each
         carries its samples' numbers (reward, KL, length, ...), which the loss reports as metrics."""
+        self.budget.start()
         if self.current is None or self.current[0] != number:
             self.current = (number, self.collect(number))
         return self.passes(number, self.current[1])
@@ -182,6 +187,7 @@ class Rollouts:
         self.kl_coef = float(state["kl_coef"][0])
         samples, tokens, rollouts = (int(v) for v in state["budget"])
         self.budget = Budget(samples, tokens, rollouts, float(state["wall_time_s"][0]))
+        self.budget.start()
 
     def summary(self) -> dict[str, Any]:
         """The run's training budget, for ``final_metrics.json``."""

@@ -4,14 +4,17 @@ bit for bit to the run that never stopped, bad steps skipped."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from dpo.cli import main
 from dpo.recipe import load_recipe
 from dpo.train import train
+from tests.helpers import write_recipe
 from tests.online.conftest import online_recipe
 
 TIMING = ("tokens_per_s", "rollout/tokens_per_s", "rollout/seconds")
@@ -91,3 +94,21 @@ def test_rloo_skips_a_bad_step_and_goes_on(tiny, tmp_path, monkeypatch):
     train_records = [r for r in records(out) if r["split"] == "train"]
     assert train_records[-1]["bad_steps"] == 1 and train_records[-1]["step"] == 4
     assert "value/loss" not in train_records[-1] and "policy/clip_fraction" in train_records[-1]
+
+
+def test_ppo_on_a_4bit_base_shares_it_with_a_reward_model_trained_on_it(tiny, tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    quantization = {"bits": 4, "compute_dtype": "float32"}
+    reward = write_recipe(tmp_path / "reward.yaml", {
+        "task": "reward", "model": {"path": str(tiny["model"]), "quantization": quantization},
+        "data": {"train": str(tiny["train"]), "eval": str(tiny["eval"]), "max_length": 32, "max_prompt_length": 24},
+        "lora": {"r": 4, "alpha": 8}, "train": {"max_steps": 2, "batch_size": 8, "lr": 0.01},
+        "output": {"dir": str(tmp_path / "reward")},
+    })
+    main([str(reward)])
+    out = tmp_path / "ppo"
+    main([str(online_recipe(tiny, out, model={"quantization": quantization, "gradient_checkpointing": True},
+                            online={"reward_model": str(tmp_path / "reward")}, train={"max_steps": 4}))])
+    assert "as an adapter on the policy's base (one copy of the base)" in capsys.readouterr().out
+    last = [r for r in records(out) if r["split"] == "train"][-1]
+    assert last["step"] == 4 and last["bad_steps"] == 0 and math.isfinite(last["loss"])
