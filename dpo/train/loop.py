@@ -260,8 +260,8 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
     # 2. Optimizer, schedule, data order.
     # Parameter groups (one, unless the task trains parts at their own learning rate), in the optimizer's order.
     groups = setup.param_groups([(name, p) for name, p in model.named_parameters() if p.requires_grad])
-    param_names, params = [name for members, _ in groups for name, _ in members], [p for members, _ in groups
-                                                                                     for _, p in members]
+    trainable = [named for members, _ in groups for named in members]
+    param_names, params = [name for name, _ in trainable], [p for _, p in trainable]
     if world > 1:
         # Every process starts from process 0's adapter, and draws its own dropout masks.
         broadcast_parameters(params)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -53,24 +52,43 @@ def test_ppo_logs_every_metric_and_its_budget(tiny, tmp_path):
     assert not (out / "adapter" / "reward").exists()
 
 
-def test_a_ppo_run_resumed_mid_rollout_equals_the_uninterrupted_run_bit_for_bit(tiny, tmp_path):
-    out = tmp_path / "ppo"
-    recipe = load_recipe(online_recipe(tiny, out))
-    train(recipe, log=lambda _: None)
-    uninterrupted = {name: load_file(out / "adapter" / name) for name in ("adapter_model.safetensors",
-                                                                           "value/adapter_model.safetensors")}
-    first_records = records(out)
-    # Step 3 is the middle of rollout 0 (steps 1-4): the resumed run must continue on the same samples.
-    state = load_file(out / "checkpoints" / "step-000003" / "batches.safetensors")
+def test_a_ppo_run_stopped_mid_rollout_and_resumed_equals_the_uninterrupted_run_bit_for_bit(tiny, tmp_path,
+                                                                                            monkeypatch):
+    import os
+    import signal
+
+    from dpo.online.rollout import Rollouts
+
+    whole = tmp_path / "whole"
+    train(load_recipe(online_recipe(tiny, whole, train={"save_every": 100})), log=lambda _: None)
+
+    # The same run, sent SIGTERM during step 3 (the middle of rollout 0, steps 1-4): it finishes the step,
+    # checkpoints and stops; resumed, it must continue on the same samples.
+    real, calls = Rollouts.loss, []
+
+    def loss(self, step, batch, split):
+        if split == "train":
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, step, batch, split)
+
+    monkeypatch.setattr(Rollouts, "loss", loss)
+    stopped = tmp_path / "stopped"
+    recipe = online_recipe(tiny, stopped, train={"save_every": 100})
+    with pytest.raises(SystemExit) as info:
+        main([str(recipe)])
+    assert info.value.code == 128 + signal.SIGTERM
+    state = load_file(stopped / "checkpoints" / "step-000003" / "batches.safetensors")
     assert int(state["number"][0]) == 0 and state["rollout.input_ids"].shape[0] == 4
-    shutil.rmtree(out / "adapter")
-    train(recipe, log=lambda _: None, resume=out / "checkpoints" / "step-000003")
-    for name, tensors in uninterrupted.items():
-        resumed = load_file(out / "adapter" / name)
-        assert tensors.keys() == resumed.keys()
-        for key in tensors:
-            assert torch.equal(tensors[key], resumed[key]), key
-    assert without_timing(records(out)) == without_timing(first_records)
+    monkeypatch.setattr(Rollouts, "loss", real)
+    main([str(recipe), "--resume"])
+    for name in ("adapter_model.safetensors", "value/adapter_model.safetensors"):
+        expected, resumed = load_file(whole / "adapter" / name), load_file(stopped / "adapter" / name)
+        assert expected.keys() == resumed.keys()
+        for key in expected:
+            assert torch.equal(expected[key], resumed[key]), (name, key)
+    assert without_timing(records(stopped)) == without_timing(records(whole))
 
 
 def test_rloo_skips_a_bad_step_and_goes_on(tiny, tmp_path, monkeypatch):
