@@ -151,10 +151,11 @@ def ppo_objective(logps: Tensor, old_logps: Tensor, values: Tensor, old_values: 
     Returns:
         ``losses [B]``: each sample's share of the token mean (their mean is ``L``), and metrics ``[1]``:
         ``policy/loss``, ``policy/clip_fraction``, ``policy/approx_kl``, ``value/loss``,
-        ``value/clip_fraction``, ``value/explained_variance``.
+        ``value/clip_fraction``, ``value/explained_variance`` (``[0]`` when the returns do not vary).
     """
     tokens = mask.sum().clamp(min=1)
     rows = mask.shape[0]
+    variance_explained = explained_variance(values.detach(), returns, mask)
     pg, pg_clipped, approx_kl = clipped_surrogate(logps, old_logps, advantages, mask, clip_range)
     m = mask.to(values.dtype)
     value_clipped = old_values + torch.clamp(values - old_values, -value_clip_range, value_clip_range)
@@ -168,7 +169,9 @@ def ppo_objective(logps: Tensor, old_logps: Tensor, values: Tensor, old_values: 
         "policy/approx_kl": (approx_kl.sum() / tokens).reshape(1),
         "value/loss": (vf.sum() / tokens).detach().reshape(1),
         "value/clip_fraction": (((vf_clipped > vf_unclipped).to(m.dtype) * m).sum() / tokens).reshape(1),
-        "value/explained_variance": explained_variance(values.detach(), returns, mask).reshape(1),
+        # Undefined when the returns do not vary: left out (an empty tensor) rather than logged as NaN.
+        "value/explained_variance": (variance_explained.reshape(1) if torch.isfinite(variance_explained)
+                                     else variance_explained.new_zeros(0)),
     }
     return LossOutput(losses, metrics)
 

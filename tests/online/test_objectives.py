@@ -154,3 +154,10 @@ def test_adaptive_kl_coefficient():
     # KL 6 against target 4: error 0.5 clipped to 0.2; 64 samples of a 1000-sample horizon.
     assert obj.adaptive_kl_coef(0.1, 6.0, 4.0, 1000, 64) == pytest.approx(0.1 * (1 + 0.2 * 64 / 1000))
     assert obj.adaptive_kl_coef(0.1, 3.8, 4.0, 1000, 64) == pytest.approx(0.1 * (1 - 0.05 * 64 / 1000))
+
+
+def test_explained_variance_is_left_out_when_the_returns_do_not_vary():
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    out = obj.ppo_objective(t([[0.0, 0.0]]), t([[0.0, 0.0]]), t([[0.5, 0.2]]), t([[0.5, 0.2]]), t([[0.0, 0.0]]),
+                            t([[1.0, 1.0]]), mask, clip_range=0.2, value_clip_range=0.2, value_coef=1.0)
+    assert out.metrics["value/explained_variance"].numel() == 0  # the metric window skips it
