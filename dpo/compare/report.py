@@ -141,7 +141,7 @@ def markdown(report: dict[str, Any]) -> str:
     for model in report["models"]:
         cells = [fmt(model[section][key]) for section, key, _ in columns]
         lines.append(f"| {model['name']} | " + " | ".join(cells) + " |")
-    lines += over_optimisation_section(report)
+    lines += gains_section(report)
     lines += budget_section(report)
     reward = report["reward_model"]
     lines += ["", "## Preference accuracy on the held-out pairs", ""]
@@ -186,24 +186,27 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def over_optimisation_section(report: dict[str, Any]) -> list[str]:
-    """Proxy and gold gains over the reference, and the models flagged for reward hacking (with a gold scorer)."""
-    if not report["settings"].get("gold"):
-        return []
+def gains_section(report: dict[str, Any]) -> list[str]:
+    """Each model's proxy (and gold) gain over the reference, and the models flagged for reward hacking."""
     reference = report["settings"]["reference"]
-    lines = ["", "## Proxy against gold", "",
-             f"Gains over **{reference}** on the same prompts and sample numbers (mean difference ± standard error).",
-             "A model is flagged when its reward-model score rose by more than two standard errors while its gold "
-             "reward did not rise: the proxy is being optimised past what it measures (reward hacking, Gao et al. "
-             "2022). `reward_vs_kl.png` shows both against KL.", "",
-             "| model | proxy gain | gold gain | KL(π‖π_ref) | flag |", "|---|---:|---:|---:|---|"]
+    gold = report["settings"].get("gold")
+    lines = ["", "## Gains over the reference" + (": proxy against gold" if gold else ""), "",
+             f"Mean difference from **{reference}** on the same prompts and sample numbers, ± its standard error."]
+    if gold:
+        lines.append("A model is flagged when its reward-model score rose by more than two standard errors while its "
+                     "gold reward did not rise: the proxy is being optimised past what it measures (reward hacking, "
+                     "Gao et al. 2022). `reward_vs_kl.png` shows both against KL.")
+    else:
+        lines.append("No gold scorer was given (`gold:`), so no gold gain and no reward-hacking flag.")
+    lines += ["", "| policy | proxy gain | gold gain | KL(π‖π_ref) | flag |", "|---|---:|---:|---:|---|"]
     for model in report["models"]:
         if model["name"] == reference:
             continue
-        proxy, gold = model["reward"], model["gold"]
+        proxy, gold_numbers = model["reward"], model["gold"]
         flag = "**reward hacking**: proxy up, gold not" if model["reward_hacking"] else ""
         lines.append(f"| {model['name']} | {fmt(proxy['gain'])} ± {fmt(proxy['gain_standard_error'])} | "
-                     f"{fmt(gold['gain'])} ± {fmt(gold['gain_standard_error'])} | {fmt(model['drift']['kl'])} | {flag} |")
+                     f"{fmt(gold_numbers['gain'])} ± {fmt(gold_numbers['gain_standard_error'])} | "
+                     f"{fmt(model['drift']['kl'])} | {flag} |")
     return lines
 
 
@@ -213,7 +216,7 @@ def budget_section(report: dict[str, Any]) -> list[str]:
     if not runs:
         return []
     lines = ["", "## Training budget", "",
-             "| model | optimizer steps | samples generated | tokens generated | rollouts | wall time (s) |",
+             "| run | optimizer steps | samples generated | tokens generated | rollouts | wall time (s) |",
              "|---|---:|---:|---:|---:|---:|"]
     for model in runs:
         budget = model["budget"]
