@@ -156,9 +156,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from dpo.files import WriteFailed
     from dpo.model import ModelError
     from dpo.reference import ReferenceMismatchError
+    from dpo.reward import GoldScorerError
     from dpo.train import CheckpointError
 
-    return RecipeError, ModelError, DataError, CheckpointError, ReferenceMismatchError, WriteFailed
+    return RecipeError, ModelError, DataError, CheckpointError, ReferenceMismatchError, WriteFailed, GoldScorerError
 
 
 @contextmanager
@@ -220,7 +221,8 @@ def train_command(
     verify_reference: VerifyOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Train a LoRA adapter with the recipe's loss (the default command: `dpo-train RECIPE`).
+    """Train a LoRA adapter with the recipe's task: a preference loss, a reward model, SFT, PPO or RLOO (the
+    default command: `dpo-train RECIPE`).
 
     `dpo-train --help` lists the other commands.
     """
@@ -274,6 +276,7 @@ def dry_run_report(recipe: Recipe, recipe_file: Path | None = None, resume: str 
     from dpo.data import prepare_data
     from dpo.losses import get_loss
     from dpo.model import load_tokenizer
+    from dpo.recipe import ONLINE_TASKS
     from dpo.train import preflight
     from dpo.train.plan import format_plan, plan_steps
 
@@ -281,12 +284,18 @@ def dry_run_report(recipe: Recipe, recipe_file: Path | None = None, resume: str 
     log(recipe.to_yaml())
     log("# output")
     log(preflight(recipe, resume=resume, overwrite=overwrite, force=force, recipe_file=recipe_file))
+    if recipe.task in ONLINE_TASKS:
+        from dpo.online.memory import describe_online
+
+        log(describe_online(recipe, log=log))
+        log("dry run: nothing was trained")
+        return
     spec = get_loss(recipe.loss.name)
     paired = spec.paired or recipe.task == "reward"
     tokenizer = load_tokenizer(recipe.model)
     margin_column = recipe.reward.margin_column if recipe.task == "reward" else None
     data = prepare_data(recipe.data, tokenizer, unpaired=not paired, seed=recipe.train.seed, log=log,
-                        margin_column=margin_column)
+                        margin_column=margin_column, completions=recipe.task == "sft")
     log(f"# data (layout: {data.layout})")
     log(data.stats.format())
     log(f"train examples: {len(data.train)}, eval examples: {len(data.eval)}")
@@ -302,7 +311,8 @@ def dry_run_report(recipe: Recipe, recipe_file: Path | None = None, resume: str 
             log(f"warning: {warning}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     plan = plan_steps(len(data.train), recipe.train, drop_last=not paired, world=world, has_eval=len(data.eval) > 0)
-    log(format_plan(plan, recipe.train, unit="pairs" if paired else "rows"))
+    unit = "examples" if recipe.task == "sft" else "pairs" if paired else "rows"
+    log(format_plan(plan, recipe.train, unit=unit))
     log("dry run: nothing was trained")
 
 

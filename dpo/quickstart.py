@@ -118,6 +118,13 @@ def is_correct(prompt: str, answer: str) -> bool:
     raise ValueError(f"not a quickstart question: {prompt!r}")
 
 
+def gold(prompt: str, completion: str) -> float:
+    """The quickstart's gold reward (``dpo.quickstart:gold``): 1.0 if ``completion`` is the correct answer to
+    ``prompt`` by the rule that labels the data (:func:`is_correct`; surrounding whitespace ignored), else 0.0.
+    """
+    return 1.0 if is_correct(prompt, completion) else 0.0
+
+
 def write_assets(directory: str | Path, *, train_pairs: int = 2000, eval_pairs: int = 200, seed: int = 0) -> Path:
     """Write the tokenizer, model and data under ``directory``. Train and eval numbers do not overlap."""
     directory = Path(directory)

@@ -4,7 +4,8 @@ Every section is a pydantic model with ``extra="forbid"`` and ``frozen=True``: a
 type or an out-of-range value is a :class:`RecipeError` that names the key path (``loss.beta``) and
 says what is allowed. Nothing downstream re-reads the YAML.
 
-Sections: ``model``, ``data``, ``lora``, ``loss``, ``train``, ``reference``, ``output`` (and ``task``).
+Sections: ``model``, ``data``, ``lora``, ``loss``, ``train``, ``reference``, ``output`` (and ``task``); ``reward``
+with ``task: reward``, ``online`` with the online tasks (``ppo``, ``rloo``).
 Paths are resolved against the current working directory, as a shell would, after ``~`` is expanded (in
 every path key, so the resolved recipe shows the real folder).
 
@@ -80,10 +81,13 @@ class ModelConfig(_Section):
 
     With ``quantization`` the unquantized weights load in ``quantization.compute_dtype``; ``dtype`` then
     defaults to it and may not name another. ``max_memory_gb`` is the accelerator memory (GiB) the dry run
-    checks its peak estimate against, instead of the detected device's.
+    checks its peak estimate against, instead of the detected device's. ``adapter`` names a LoRA adapter
+    folder (e.g. an SFT run's ``OUT/adapter``) that the policy starts from instead of a fresh adapter; a
+    task with a reference then also uses it as the reference (``reference.adapter``).
     """
 
     path: PathText
+    adapter: PathText | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
@@ -112,7 +116,8 @@ class ModelConfig(_Section):
 
 
 # Canonical column names of preference rows (``data.columns`` keys); dpo.data.layouts uses the same list.
-DATA_COLUMNS = ("prompt", "chosen", "rejected", "completion", "label", "response_a", "response_b", "preference")
+DATA_COLUMNS = ("prompt", "chosen", "rejected", "completion", "label", "response_a", "response_b", "preference",
+                "messages")
 
 
 class DataConfig(_Section):
@@ -122,7 +127,8 @@ class DataConfig(_Section):
     eval: PathText | None = None
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     split: str = "train"
-    layout: Literal["auto", "explicit", "conversational", "hh_rlhf", "message_lists", "unpaired"] = "auto"
+    layout: Literal["auto", "explicit", "conversational", "hh_rlhf", "message_lists", "unpaired",
+                    "demonstrations"] = "auto"
     columns: dict[str, str] = Field(default_factory=dict)
     chat_template: str | None = None
     max_length: int = Field(512, ge=2)
@@ -322,6 +328,76 @@ class RewardConfig(_Section):
     margin_column: str | None = None
     center_weight: float = Field(0.0, ge=0)
 
+# --------------------------------------------------------------------------------------------- online
+
+
+ONLINE_TASKS = ("ppo", "rloo")
+
+
+class OnlineGeneration(_Section):
+    """How rollouts are sampled; the keys of the compare file's ``generation`` section.
+
+    ``temperature`` also divides the logits whose log-probs PPO's ratios and the KL penalty use, so the
+    objective is that of the distribution sampled from (``top_p`` below 1 truncates the sampler only).
+    ``samples_per_prompt`` is k, the group size of ``rloo``; ``seed`` with the rollout's number seeds its
+    sampling; ``batch_size`` is sequences per ``generate`` call.
+    """
+
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    samples_per_prompt: int = Field(1, ge=1)
+    seed: int = 0
+    batch_size: int = Field(16, ge=1)
+
+
+# Keys of ``online`` that only one online task reads (the other refuses them when set).
+PPO_ONLY = ("value_clip_range", "value_coef", "value_lr", "gamma", "gae_lambda", "whiten_advantages")
+RLOO_ONLY = ("advantage",)
+
+
+class OnlineConfig(_Section):
+    """Online RL against a reward model (``task: ppo`` or ``task: rloo``), see :mod:`dpo.online`.
+
+    Each rollout samples ``generation.samples_per_prompt`` completions for each of ``prompts_per_rollout``
+    training prompts with the policy, scores them with ``reward_model`` (a ``task: reward`` run; minus
+    ``missing_eos_penalty`` for a completion that never ends) and takes ``ppo_epochs`` passes of
+    ``train.batch_size`` samples over them. The reward of a sample is its score minus ``kl_coef`` times
+    its per-token KL to the reference (adapted toward ``kl_target`` per sample over ``kl_horizon``
+    samples when set, Ziegler et al. 2019). ``gold`` is an optional ``module:function`` scoring
+    (prompt, completion) -> float, logged beside the reward model's score (it runs your code).
+
+    PPO only: ``value_clip_range``, ``value_coef`` (the value loss's weight), ``value_lr`` (the value head's
+    learning rate; null: ``train.lr``), ``gamma`` and ``gae_lambda`` (GAE) and ``whiten_advantages``. RLOO only: ``advantage``: ``rloo`` (leave-one-out
+    baseline) or ``grpo`` (group-normalised).
+    """
+
+    reward_model: PathText
+    gold: str | None = None
+    prompts_per_rollout: int = Field(16, ge=1)
+    generation: OnlineGeneration = OnlineGeneration()
+    ppo_epochs: int = Field(1, ge=1)
+    clip_range: float = Field(0.2, gt=0)
+    kl_coef: float = Field(0.05, ge=0)
+    kl_target: float | None = Field(None, gt=0)
+    kl_horizon: int = Field(10000, ge=1)
+    missing_eos_penalty: float | None = Field(None, ge=0)
+    max_eval_prompts: int | None = Field(None, ge=1)
+    value_clip_range: float = Field(0.2, gt=0)
+    value_coef: float = Field(0.1, ge=0)
+    value_lr: float | None = Field(None, gt=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    gae_lambda: float = Field(0.95, ge=0, le=1)
+    whiten_advantages: bool = True
+    advantage: Literal["rloo", "grpo"] = "rloo"
+
+    @field_validator("gold")
+    @classmethod
+    def _gold_spec(cls, value: str | None) -> str | None:
+        if value is not None and (value.count(":") != 1 or not all(value.split(":"))):
+            raise ValueError(f"expected module:function (e.g. dpo.quickstart:gold), got {excerpt(value)}")
+        return value
+
 
 # --------------------------------------------------------------------------------------------- output
 
@@ -358,9 +434,11 @@ class OutputConfig(_Section):
 
 class Recipe(_Section):
     """A whole run. ``task: preference`` trains a policy adapter with a loss from ``dpo.losses``;
-    ``task: reward`` trains a Bradley–Terry reward model (``reward:``) on the same pairs, with no loss section."""
+    ``task: reward`` trains a Bradley–Terry reward model (``reward:``) on the same pairs, with no loss section;
+    ``task: sft`` fine-tunes on the chosen answers (or demonstrations), with no loss section; ``task: ppo``
+    and ``task: rloo`` train the policy online against a reward model (``online:``)."""
 
-    task: Literal["preference", "reward"] = "preference"
+    task: Literal["preference", "reward", "sft", "ppo", "rloo"] = "preference"
     model: ModelConfig
     data: DataConfig
     lora: LoraConfig = LoraConfig()
@@ -368,7 +446,22 @@ class Recipe(_Section):
     train: TrainConfig = TrainConfig()
     reference: ReferenceConfig = ReferenceConfig()
     reward: RewardConfig = RewardConfig()
+    online: OnlineConfig | None = None
     output: OutputConfig
+
+    @model_validator(mode="before")
+    @classmethod
+    def _start_adapter_is_the_reference(cls, data: Any) -> Any:
+        # A policy started from model.adapter (an SFT adapter) is held to it: it is the reference too,
+        # unless the recipe names another reference. Written into the resolved recipe.
+        if not isinstance(data, dict) or data.get("task", "preference") not in ("preference", *ONLINE_TASKS):
+            return data
+        model, reference = data.get("model"), data.get("reference") or {}
+        if not isinstance(model, dict) or not model.get("adapter") or not isinstance(reference, dict):
+            return data
+        if reference.get("adapter") is None and reference.get("model_path") is None:
+            return {**data, "reference": {**reference, "adapter": model["adapter"]}}
+        return data
 
     @field_validator("loss", mode="before")
     @classmethod
@@ -395,8 +488,23 @@ class Recipe(_Section):
     def _task_sections(self) -> None:
         """Settings for the other task are refused rather than silently ignored (its section may only hold
         defaults, as a resolved recipe does)."""
-        if self.task == "preference" and self.reward != RewardConfig():
+        if self.task != "reward" and self.reward != RewardConfig():
             raise ValueError("reward: this section is used only with task: reward; remove it or set task: reward")
+        if self.task not in ONLINE_TASKS and self.online is not None:
+            raise ValueError(f"online: this section is used only with task: ppo or rloo, not task: {self.task}")
+        if self.task in ("sft", *ONLINE_TASKS) and self.loss != DPOLoss(name="dpo"):
+            raise ValueError(f"loss: task: {self.task} takes no loss section (its objective is fixed); remove it")
+        if self.task == "sft":
+            if self.reference.model_path is not None or self.reference.adapter is not None:
+                key = "reference.model_path" if self.reference.model_path is not None else "reference.adapter"
+                raise ValueError(f"{key}: supervised fine-tuning has no reference model; remove it")
+            return
+        if self.task in ONLINE_TASKS:
+            self._online_sections()
+            return
+        if self.data.layout == "demonstrations":
+            raise ValueError(f"data.layout: demonstrations (prompt, completion) train with task: sft, not "
+                             f"task: {self.task}, which needs preference pairs")
         if self.task != "reward":
             return
         if self.loss != DPOLoss(name="dpo"):
@@ -410,6 +518,25 @@ class Recipe(_Section):
         if self.data.layout == "unpaired":
             raise ValueError("data.layout: a reward model ranks pairs; unpaired rows (prompt, completion, label) "
                              "have none to rank")
+
+    def _online_sections(self) -> None:
+        online = self.online
+        if online is None:
+            raise ValueError(f"online: task: {self.task} needs an online section with at least reward_model "
+                             "(a task: reward run)")
+        if self.reference.model_path is not None:
+            raise ValueError(f"reference.model_path: task: {self.task} keeps every role on the one base model "
+                             "(the reference is the base with the adapters off, or reference.adapter on it); "
+                             "remove it")
+        defaults = OnlineConfig(reward_model=online.reward_model)
+        others = RLOO_ONLY if self.task == "ppo" else PPO_ONLY
+        for key in others:
+            if getattr(online, key) != getattr(defaults, key):
+                raise ValueError(f"online.{key}: used only with task: {'rloo' if self.task == 'ppo' else 'ppo'}; "
+                                 f"remove it or change task")
+        if self.task == "rloo" and online.generation.samples_per_prompt < 2:
+            raise ValueError("online.generation.samples_per_prompt: rloo needs at least 2 samples per prompt (each "
+                             "sample's baseline is the mean reward of the others)")
 
     def to_yaml(self) -> str:
         """The fully resolved recipe (every default filled in) as YAML."""

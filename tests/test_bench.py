@@ -65,3 +65,9 @@ def test_long_line_bench_prepares_a_long_line_and_counts_it_truncated():
     out = run_bench("long_line.py", "--mb", "0.2")
     report = json.loads(out[out.index("{"):])
     assert report["truncated_pairs"] == 1 and report["peak_rss_mib"] > 0 and report["seconds"] > 0
+
+
+def test_online_memory_bench_prints_the_8b_ppo_recipe_plan():
+    out = run_bench("online_memory.py")
+    assert "# memory of the online step (estimated peak on a CUDA device, 4-bit base, LoRA r=16)" in out
+    assert "reference adapter (frozen)" in out and "fits:" in out and "of 24.00 GiB (model.max_memory_gb)" in out

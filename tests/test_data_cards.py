@@ -22,7 +22,10 @@ FIXTURE_OF = {
     "shp.md": ("shp_style.jsonl", False, "explicit"),
     "kto-mix.md": ("kto_unpaired.jsonl", True, "unpaired"),
     "plain-prompt-chosen-rejected.md": ("explicit_prompt.jsonl", False, "explicit"),
+    "sft-demonstrations.md": ("demonstrations.jsonl", False, "demonstrations"),
 }
+# Cards that describe something other than a data set of the training layouts (tested below).
+OTHER_CARDS = {"quickstart-arithmetic.md", "quickstart-gold.md"}
 
 
 def snippet(card: Path) -> dict:
@@ -35,7 +38,7 @@ def snippet(card: Path) -> dict:
 
 
 def test_every_card_is_tested():
-    cards = {p.name for p in CARDS.glob("*.md")} - {"quickstart-arithmetic.md"}
+    cards = {p.name for p in CARDS.glob("*.md")} - OTHER_CARDS
     assert cards == set(FIXTURE_OF)
 
 
@@ -45,7 +48,8 @@ def test_card_snippet_loads_its_fixture(name, tmp_path):
     fields = snippet(CARDS / name)
     DataConfig(**fields)  # the snippet as published is a valid section
     config = DataConfig(**{**fields, "train": str(FIXTURES / fixture), "cache_dir": str(tmp_path)})
-    prepared = prepare_data(config, build_word_tokenizer(), unpaired=unpaired, seed=0, log=lambda _: None)
+    prepared = prepare_data(config, build_word_tokenizer(), unpaired=unpaired, seed=0, log=lambda _: None,
+                            completions=layout == "demonstrations")  # demonstrations are read for SFT only
     assert prepared.layout == layout
     assert len(prepared.train) + len(prepared.eval) == len((FIXTURES / fixture).read_text().splitlines())
 
@@ -59,3 +63,17 @@ def test_quickstart_card_snippet_loads_the_bundled_data(tmp_path, monkeypatch):
     prepared = prepare_data(config, build_tokenizer(), unpaired=False, seed=0, log=lambda _: None)
     assert prepared.layout == "explicit"
     assert (len(prepared.train), len(prepared.eval)) == (40, 40)
+
+
+def test_gold_scorer_card_names_a_scorer_that_scores_its_examples():
+    import json
+
+    from dpo.reward import load_gold_scorer
+
+    card = (CARDS / "quickstart-gold.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```yaml\n(.*?)```", card, flags=re.S)
+    spec = yaml.safe_load(blocks[-1])["online"]["gold"]
+    scorer = load_gold_scorer(spec)
+    examples = [json.loads(line) for block in re.findall(r"```json\n(.*?)```", card, flags=re.S)
+                for line in block.splitlines()]
+    assert examples and all(scorer(e["prompt"], e["completion"]) == e["gold"] for e in examples)

@@ -189,3 +189,44 @@ def test_reward_recipe_refuses_loss_settings_and_round_trips():
         recipe_from_dict({**base, "reward": {"center_weight": 0.1}})
     with pytest.raises(RecipeError, match="reward.center_weight"):
         recipe_from_dict({**base, "task": "reward", "reward": {"center_weight": -1}})
+
+
+def test_online_and_sft_recipes_check_their_sections_and_round_trip():
+    base = {"model": {"path": "m"}, "data": {"train": "t"}, "output": {"dir": "o"}}
+    online = {"reward_model": "runs/rm", "gold": "dpo.quickstart:gold"}
+    ppo = recipe_from_dict({**base, "task": "ppo", "online": online})
+    assert ppo.online.generation.samples_per_prompt == 1 and ppo.online.ppo_epochs == 1
+    assert recipe_from_dict(yaml.safe_load(ppo.to_yaml())) == ppo
+    rloo = recipe_from_dict({**base, "task": "rloo", "online": {**online, "advantage": "grpo",
+                                                                "generation": {"samples_per_prompt": 4}}})
+    assert recipe_from_dict(yaml.safe_load(rloo.to_yaml())) == rloo
+    sft = recipe_from_dict({**base, "task": "sft", "data": {"train": "t", "layout": "demonstrations"}})
+    assert recipe_from_dict(yaml.safe_load(sft.to_yaml())) == sft
+    refused = [
+        ({**base, "task": "ppo"}, "online: task: ppo needs an online section"),
+        ({**base, "online": online}, "online: this section is used only with task: ppo or rloo"),
+        ({**base, "task": "rloo", "online": online}, "rloo needs at least 2 samples per prompt"),
+        ({**base, "task": "ppo", "online": {**online, "advantage": "grpo"}}, "online.advantage: used only with task: rloo"),
+        ({**base, "task": "rloo", "online": {**online, "gae_lambda": 0.9, "generation": {"samples_per_prompt": 2}}},
+         "online.gae_lambda: used only with task: ppo"),
+        ({**base, "task": "ppo", "online": {**online, "gold": "no_colon"}}, "online.gold: expected module:function"),
+        ({**base, "task": "ppo", "online": online, "loss": {"beta": 0.2}}, "task: ppo takes no loss section"),
+        ({**base, "task": "ppo", "online": online, "reference": {"model_path": "r"}}, "reference.model_path"),
+        ({**base, "task": "sft", "reference": {"adapter": "a"}}, "supervised fine-tuning has no reference"),
+        ({**base, "data": {"train": "t", "layout": "demonstrations"}}, "train with task: sft"),
+    ]
+    for tree, message in refused:
+        with pytest.raises(RecipeError, match=message):
+            recipe_from_dict(tree)
+
+
+def test_a_start_adapter_is_the_reference_unless_another_is_named():
+    base = {"model": {"path": "m", "adapter": "runs/sft/adapter"}, "data": {"train": "t"}, "output": {"dir": "o"}}
+    assert recipe_from_dict(base).reference.adapter == "runs/sft/adapter"
+    online = {"task": "ppo", "online": {"reward_model": "rm"}}
+    assert recipe_from_dict({**base, **online}).reference.adapter == "runs/sft/adapter"
+    assert recipe_from_dict({**base, "reference": {"adapter": "other"}}).reference.adapter == "other"
+    assert recipe_from_dict({**base, "reference": {"model_path": "ref"}}).reference.adapter is None
+    # A reward model or SFT run has no reference: the adapter is only where their training starts.
+    assert recipe_from_dict({**base, "task": "reward"}).reference.adapter is None
+    assert recipe_from_dict({**base, "task": "sft"}).reference.adapter is None

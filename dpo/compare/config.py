@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dpo.recipe import DataConfig, RecipeError, parse_override, read_yaml_file
 
@@ -23,7 +23,8 @@ class _Section(BaseModel):
 
 
 class ModelEntry(_Section):
-    """One policy to compare: a Hugging Face causal-LM directory (``path``) or a dpo-train run (``run``)."""
+    """One policy to compare: a Hugging Face causal-LM directory (``path``) or a dpo-train run (``run``: a
+    preference, sft, ppo or rloo run's ``output.dir``)."""
 
     name: str = Field(min_length=1)
     path: str | None = None
@@ -102,15 +103,24 @@ class Generation(_Section):
 
 
 class CompareConfig(_Section):
-    """A whole comparison."""
+    """A whole comparison. ``gold`` is an optional gold scorer, a Python function ``module:function`` taking
+    (prompt, completion) -> float (it runs your code), reported beside the reward model's score."""
 
     models: list[ModelEntry] = Field(min_length=1)
     reference: str | None = None
     reward_model: str
+    gold: str | None = None
     prompts: PromptSet
     pairs: PairSet | None = None
     generation: Generation = Generation()
     output: str
+
+    @field_validator("gold")
+    @classmethod
+    def _gold_spec(cls, value: str | None) -> str | None:
+        if value is not None and (value.count(":") != 1 or not all(value.split(":"))):
+            raise ValueError(f"expected module:function (e.g. dpo.quickstart:gold), got {value[:60]!r}")
+        return value
 
     @model_validator(mode="after")
     def _names(self) -> CompareConfig:

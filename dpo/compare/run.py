@@ -1,9 +1,11 @@
 """``dpo-train compare``: any set of policies side by side on the same prompts, judged by one reward model.
 
 For each model: sample completions (same prompts, settings and seed for all), score them with the reward
-model, and measure what reward training is known to trade for reward: drift from the reference
-(KL(π ‖ π_ref) estimated on the model's own samples), verbosity and diversity. With held-out pairs, also
-each model's preference accuracy by its implicit reward, and the reward model's own accuracy.
+model (the proxy) and, when the compare file names one, the gold scorer, and measure what reward training
+is known to trade for reward: drift from the reference (KL(π ‖ π_ref) estimated on the model's own samples),
+verbosity and diversity. With held-out pairs, also each model's preference accuracy by its implicit reward,
+and the reward model's own accuracy. A run's training budget (optimizer steps; an online run's samples
+generated and wall time) comes from its ``final_metrics.json``.
 
 One model at a time is loaded beside the reference model; the reward model is loaded last.
 """
@@ -24,10 +26,8 @@ from dpo.compare.config import CompareConfig, CompareError, ModelEntry, PromptSe
 from dpo.compare.report import build_report, write_report
 from dpo.data import collate_paired, prepare_data
 from dpo.data.chat import resolve_chat_template
-from dpo.data.layouts import rename_columns
-from dpo.data.load import load_rows
-from dpo.data.prepare import read_canonical
-from dpo.data.validate import BadRow, DataError, RowProblem, handle_bad_rows, require_messages, require_text
+from dpo.data.prompts import read_prompts as read_prompt_file
+from dpo.data.validate import DataError
 from dpo.losses import PairedLogps, get_loss
 from dpo.model import (
     LogprobSettings,
@@ -43,10 +43,18 @@ from dpo.model import (
 )
 from dpo.recipe import ModelConfig, RecipeError
 from dpo.reference import ReferenceLogps, compute_reference_logps, open_reference
-from dpo.reward import load_reward_run, pair_rewards, run_recipe, score_texts
+from dpo.reward import (
+    GoldScorerError,
+    gold_scores,
+    load_gold_scorer,
+    load_reward_run,
+    pair_rewards,
+    run_recipe,
+    score_texts,
+)
 
 Log = Callable[[str], None]
-PAIR_COLUMNS = {"chosen", "rejected", "completion", "response_a", "response_b"}
+POLICY_TASKS = ("preference", "sft", "ppo", "rloo")
 
 
 @dataclass
@@ -77,6 +85,8 @@ class ModelResult:
     preference_accuracy: float | None = None
     accuracy_method: str | None = None
     scores: list[float] = field(default_factory=list)
+    gold: list[float] | None = None
+    budget: dict[str, Any] | None = None
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -90,7 +100,7 @@ def load_policy(entry: ModelEntry, device) -> Policy:
     from peft import PeftModel
 
     recipe = run_recipe(entry.run, f"models.{entry.name}.run")
-    if recipe.task != "preference":
+    if recipe.task not in POLICY_TASKS:
         raise CompareError(f"models.{entry.name}.run: {entry.run} is a {recipe.task} model, not a policy; name "
                            "a reward model under reward_model")
     adapter = str(Path(entry.run) / "adapter")
@@ -115,31 +125,17 @@ def check_same_vocabulary(policy: Policy, reference: Policy) -> None:
 
 def read_prompts(prompt_set: PromptSet, log: Log) -> list[Any]:
     """Unique prompts (text or messages) in file order, from any supported layout or prompt-only rows."""
-    raw = load_rows(prompt_set.path, split=prompt_set.split, key="prompts.path")
-    names = {name for _, row in raw.rows for name in rename_columns(row, prompt_set.columns)}
-    if "prompt" in names and not names & PAIR_COLUMNS:
-        prompts, bad = [], list(raw.bad)
-        for number, row in raw.rows:
-            row = rename_columns(row, prompt_set.columns)
-            try:
-                value = row.get("prompt")
-                prompts.append(require_messages(row, "prompt", completion=False) if isinstance(value, list)
-                               else require_text(row, "prompt"))
-            except RowProblem as problem:
-                bad.append(BadRow(raw.source, raw.unit, number, problem.reason, problem.detail))
-        handle_bad_rows(sorted(bad, key=lambda b: b.number), prompt_set.on_bad_row, log)
-    else:
-        canonical = read_canonical(prompt_set.data_config(), prompt_set.path, "prompts.path", log)
-        prompts = [row["prompt"] for row in canonical.rows]
-    first: dict[str, Any] = {}
-    for prompt in prompts:
-        first.setdefault(json.dumps(prompt, sort_keys=True), prompt)
-    unique = list(first.values())
-    if prompt_set.max_prompts is not None:
-        unique = unique[: prompt_set.max_prompts]
-    if not unique:
-        raise DataError(f"prompts.path: {raw.source} holds no usable prompt")
-    return unique
+    return read_prompt_file(prompt_set.data_config(), prompt_set.path, "prompts.path", log, prompt_set.max_prompts)
+
+
+def run_budget(run_dir: str | Path) -> dict[str, Any] | None:
+    """A run's training budget from its ``final_metrics.json``: optimizer steps, and for an online run the
+    samples and tokens generated, rollouts and wall time; None when the file is missing."""
+    path = Path(run_dir) / "final_metrics.json"
+    if not path.is_file():
+        return None
+    final = json.loads(path.read_text(encoding="utf-8"))
+    return {"optimizer_steps": final.get("steps"), **final.get("budget", {})}
 
 
 # ------------------------------------------------------------------------------------------- log-probs
@@ -147,16 +143,22 @@ def read_prompts(prompt_set: PromptSet, log: Log) -> list[Any]:
 
 @torch.no_grad()
 def sample_logps(model: nn.Module, prompt_ids: list[list[int]], samples: Samples, pad_token_id: int,
-                 batch_size: int, device) -> list[float]:
-    """Summed log-probs of each sample's completion tokens (EOS included) under ``model``."""
+                 batch_size: int, device, temperature: float = 1.0) -> list[float]:
+    """Summed log-probs of each sample's completion tokens (EOS included) under ``model``, at the sampling
+    ``temperature`` (the logits divided by it, as :mod:`dpo.online` trains), so that their difference between a
+    model and the reference estimates the KL of the samplers themselves."""
     from dpo.data.collate import pad_sequences
+    from dpo.online.logprobs import completion_logprobs
 
     values: list[float] = []
     pairs = [(prompt_ids[p], c) for p, c in zip(samples.prompt_index, samples.completion_ids)]
     for start in range(0, len(pairs), batch_size):
         batch = {k: v.to(device) for k, v in pad_sequences(pairs[start : start + batch_size], pad_token_id).items()}
-        sums, _ = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                    LogprobSettings())
+        if temperature == 1.0:
+            sums, _ = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                        LogprobSettings())
+        else:
+            sums = completion_logprobs(model, batch, LogprobSettings(), temperature)[0].sum(dim=1)
         values.extend(sums.cpu().tolist())
     return values
 
@@ -178,7 +180,7 @@ def implicit_accuracy(policy: Policy, rows, collate, reference_pairs: ReferenceL
 
     name = policy.entry.name
     own = pair_logps(policy.model, rows, collate, batch_size, device, f"{name} (held-out pairs)", log)
-    if policy.recipe is None:
+    if policy.recipe is None or policy.recipe.task != "preference":  # no loss of its own: SFT, PPO, RLOO runs
         chosen = (own.first - reference_pairs.first).tolist()
         rejected = (own.second - reference_pairs.second).tolist()
         return ranking_accuracy(chosen, rejected), "implicit reward log π − log π_ref, π_ref = the reference model"
@@ -241,10 +243,12 @@ def run_compare(config: CompareConfig, source: str = "compare file", log: Log = 
         log(f"{entry.name}: sampling {sampling.samples_per_prompt} completion(s) for each of {len(prompts)} prompts")
         samples = sample_completions(policy.model, policy.tokenizer, prompt_ids, sampling, device)
         pad = reference.tokenizer.pad_token_id
-        logps = sample_logps(policy.model, prompt_ids, samples, pad, sampling.batch_size, device)
-        reference_logps = (logps if policy is reference
-                           else sample_logps(reference.model, prompt_ids, samples, pad, sampling.batch_size, device))
-        result = ModelResult(entry.name, samples, logps, reference_logps)
+        temperature = sampling.temperature or 1.0  # greedy samples: the models' own log-probs
+        logps = sample_logps(policy.model, prompt_ids, samples, pad, sampling.batch_size, device, temperature)
+        reference_logps = (logps if policy is reference else sample_logps(
+            reference.model, prompt_ids, samples, pad, sampling.batch_size, device, temperature))
+        result = ModelResult(entry.name, samples, logps, reference_logps,
+                             budget=run_budget(entry.run) if entry.run is not None else None)
         if pair_rows is not None:
             result.preference_accuracy, result.accuracy_method = implicit_accuracy(
                 policy, pair_rows, pair_collate, reference_pairs, config.pairs.batch_size, device, log)
@@ -254,6 +258,8 @@ def run_compare(config: CompareConfig, source: str = "compare file", log: Log = 
     eos_id = reference.tokenizer.eos_token_id
     del reference
     reward = score_all(config, prompts, results, decode, eos_id, device, log)
+    if config.gold is not None:
+        score_gold(config.gold, prompts, results, decode, eos_id, log)
     report = build_report(config, source, prompts, results, reward, device)
     if report["reward_model"]["warning"]:
         log(f"warning: {report['reward_model']['warning']}")
@@ -269,6 +275,18 @@ def training_accuracy(run_dir: str | Path) -> float | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return float(value) if isinstance(value, (int, float)) else None
+
+
+def score_gold(spec: str, prompts: list[Any], results: list[ModelResult], decode, eos_id: int, log: Log) -> None:
+    """The gold scorer on every sample (prompt as the data holds it, completion as text without its EOS)."""
+    try:
+        scorer = load_gold_scorer(spec)
+        for result in results:
+            texts = [completion_text(ids, decode, eos_id) for ids in result.samples.completion_ids]
+            result.gold = gold_scores(scorer, [prompts[p] for p in result.samples.prompt_index], texts, spec)
+            log(f"{result.name}: scored {len(texts)} samples with the gold scorer {spec}")
+    except GoldScorerError as exc:
+        raise CompareError(f"gold: {exc}") from None
 
 
 def score_all(config: CompareConfig, prompts: list[Any], results: list[ModelResult], decode, eos_id: int,

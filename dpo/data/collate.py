@@ -69,3 +69,16 @@ def pad_sequences(sequences: list[tuple[list[int], list[int]]], pad_token_id: in
         attention_mask[i, :end] = 1
         labels[i, len(prompt) : end] = torch.tensor(completion, dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_completions(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """A batch of B (prompt, completion) rows for supervised fine-tuning: each row's ``completion_ids``
+    (demonstrations, unpaired rows), or for a pair its ``chosen_ids``.
+
+    Returns:
+        ``input_ids``, ``attention_mask``, ``labels`` [B, T] (long) and ``index`` [B] (long).
+    """
+    side = "completion_ids" if rows and "completion_ids" in rows[0] else "chosen_ids"
+    batch = pad_sequences([(r["prompt_ids"], r[side]) for r in rows], pad_token_id)
+    batch["index"] = torch.tensor([r["index"] for r in rows], dtype=torch.long)
+    return batch

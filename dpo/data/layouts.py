@@ -13,6 +13,9 @@ Layouts:
     message_lists: ``chosen`` / ``rejected`` whole conversations; the prompt is every message before
         the final assistant turn and must be the same on both sides (a ``prompt`` column is ignored).
     unpaired: ``prompt``, ``completion``, ``label`` (true = desirable), as text or messages.
+    demonstrations: ``prompt`` and ``completion`` without a label (text or messages), or ``messages``, a
+        whole conversation whose final assistant turn is the completion; for supervised fine-tuning only.
+        Canonical rows are unpaired rows with ``label`` true.
 
 Pairs whose preferred side is given by a label (SHP) map ``response_a``, ``response_b`` and
 ``preference`` (1/true: ``response_a`` is preferred) and then follow ``explicit`` or ``conversational``.
@@ -36,8 +39,11 @@ from dpo.data.validate import (
     require_text,
 )
 
-LAYOUTS = ("explicit", "conversational", "hh_rlhf", "message_lists", "unpaired")
-CANONICAL_COLUMNS = ("prompt", "chosen", "rejected", "completion", "label", "response_a", "response_b", "preference")
+LAYOUTS = ("explicit", "conversational", "hh_rlhf", "message_lists", "unpaired", "demonstrations")
+# Layouts whose canonical rows hold one completion each (unpaired rows), not a pair.
+SINGLE_LAYOUTS = ("unpaired", "demonstrations")
+CANONICAL_COLUMNS = ("prompt", "chosen", "rejected", "completion", "label", "response_a", "response_b", "preference",
+                     "messages")
 PREFERENCE_COLUMNS = ("response_a", "response_b", "preference")
 HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
@@ -86,10 +92,12 @@ def detect_layout(column_names: list[str], sample: dict[str, Any], source: str) 
         if "prompt" in names and chosen_is_text:
             return "explicit"
         return "hh_rlhf" if chosen_is_text else "message_lists"
+    if {"prompt", "completion"} <= names or "messages" in names:
+        return "demonstrations"
     raise DataError(
         f"{source}: cannot tell the layout from the columns {', '.join(column_names) or '(none)'}. Expected prompt/chosen/"
         "rejected, chosen/rejected transcripts or conversations, prompt/completion/label, or response_a/"
-        "response_b/preference; map other names with data.columns (e.g. prompt: question, chosen: "
+        "response_b/preference (or, for task: sft, prompt/completion or messages); map other names with data.columns (e.g. prompt: question, chosen: "
         "response_j, rejected: response_k) or set data.layout."
     )
 
@@ -100,6 +108,8 @@ def uses_chat(layout: str, sample: dict[str, Any]) -> bool:
         return True
     if layout == "unpaired":
         return isinstance(sample.get("prompt"), list)
+    if layout == "demonstrations":
+        return "prompt" not in sample or isinstance(sample.get("prompt"), list)
     return False
 
 
@@ -113,6 +123,8 @@ def normalise_row(row: dict[str, Any], layout: str, *, chat: bool) -> dict[str, 
     """
     if layout == "unpaired":
         return _unpaired(row, chat=chat)
+    if layout == "demonstrations":
+        return _demonstration(row, chat=chat)
     row = _resolve_preference(row)
     if layout == "explicit":
         prompt = require_text(row, "prompt")
@@ -151,6 +163,24 @@ def _unpaired(row: dict[str, Any], *, chat: bool) -> dict[str, Any]:
     else:
         prompt, completion = require_text(row, "prompt"), require_text(row, "completion")
     return {"prompt": prompt, "completion": completion, "label": require_flag(row, "label", "true means desirable")}
+
+
+def _demonstration(row: dict[str, Any], *, chat: bool) -> dict[str, Any]:
+    if "prompt" not in row and "messages" in row:
+        messages = require_messages(row, "messages", completion=False)
+        if messages[-1]["role"] != "assistant":
+            raise RowProblem(MALFORMED_MESSAGES, "messages does not end with an assistant turn")
+        if len(messages) < 2:
+            raise RowProblem(EMPTY_TEXT, "messages holds only the assistant turn, no prompt")
+        if not messages[-1]["content"].strip():
+            raise RowProblem(EMPTY_TEXT, "the final assistant turn of messages is empty")
+        return {"prompt": messages[:-1], "completion": messages[-1:], "label": True}
+    if chat:
+        prompt = require_messages(row, "prompt", completion=False)
+        completion = require_messages(row, "completion", completion=True)
+    else:
+        prompt, completion = require_text(row, "prompt"), require_text(row, "completion")
+    return {"prompt": prompt, "completion": completion, "label": True}
 
 
 def _squeezed(value: Any) -> Any:

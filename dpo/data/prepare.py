@@ -33,6 +33,7 @@ from dpo.data.cache import (
 from dpo.data.chat import resolve_chat_template
 from dpo.data.kto import kl_completions, pairs_to_unpaired, require_both_labels
 from dpo.data.layouts import (
+    SINGLE_LAYOUTS,
     check_mapped_columns,
     detect_layout,
     normalise_row,
@@ -102,6 +103,7 @@ def prepare_data(
     seed: int,
     log: Callable[[str], None] = print,
     margin_column: str | None = None,
+    completions: bool = False,
 ) -> PreparedData:
     """Read, validate, split and tokenize the recipe's data.
 
@@ -114,6 +116,9 @@ def prepare_data(
         log: where progress and summaries are printed.
         margin_column: a numeric column of the data carried through as ``margin`` (one float per pair,
             e.g. a rating gap for a reward model's margin); every row must hold a finite number there.
+        completions: the caller trains on completions of any layout (supervised fine-tuning): pairs stay
+            pairs (their chosen side is the completion), single-completion layouts become unpaired rows, and
+            a set of only desirable rows is fine.
 
     Returns:
         The tokenized splits, their fingerprints, the layout and token statistics.
@@ -130,12 +135,19 @@ def prepare_data(
     else:
         evaluation = None
         train_rows, eval_rows = split_rows(train.rows, data_cfg.eval_fraction, seed, train.source)
+    single = train.layout in SINGLE_LAYOUTS
+    unpaired = unpaired or (completions and single)
+    if train.layout == "demonstrations" and not unpaired:
+        raise DataError(
+            f"{train.source} holds demonstrations (prompt and completion, or messages) and no preference; they "
+            "train with task: sft"
+        )
     if train.layout == "unpaired" and not unpaired:
         raise DataError(
             f"{train.source} holds unpaired rows (prompt, completion, label); they train only with an unpaired "
             "loss: set loss.name: kto"
         )
-    if train.layout == "unpaired":
+    if train.layout == "unpaired" and not completions:
         require_both_labels([r["label"] for r in train_rows], train.source)
 
     template, template_label = resolve_chat_template(data_cfg.chat_template, tokenizer)
@@ -148,6 +160,8 @@ def prepare_data(
         "unpaired": unpaired,
         "seed": seed if unpaired else None,
     }
+    if completions and single:
+        settings["completions"] = True  # rows for supervised fine-tuning: no KL completions
     cache_dir = Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else default_cache_dir()
     splits = {}
     for name, rows, canonical in (("train", train_rows, train), ("eval", eval_rows, evaluation or train)):
@@ -159,9 +173,9 @@ def prepare_data(
     if len(train_ds) == 0:
         raise DataError(f"{train.source}: no usable rows are left for training")
     bad_reasons = Counter(b.reason for b in train.bad + (evaluation.bad if evaluation else []))
-    converted = unpaired and train.layout != "unpaired"
+    converted = unpaired and not single
     stats = TokenStats(
-        unit="rows" if train.layout == "unpaired" else "pairs",
+        unit="rows" if single else "pairs",
         count=train_meta["count"] + eval_meta["count"],
         train_count=train_meta["count"],
         eval_count=eval_meta["count"],
@@ -233,7 +247,7 @@ def read_canonical(
         raise DataError(f"{key}: {raw.source} has no usable rows")
     duplicates = len(rows) - len({_identity(row) for row in rows})
     if duplicates:
-        unit = "rows" if layout == "unpaired" else "pairs"
+        unit = "rows" if layout in SINGLE_LAYOUTS else "pairs"
         log(f"{raw.source}: {duplicates} {unit} repeat an earlier one exactly; they are kept (and so weigh more)")
     return Canonical(raw.source, raw.unit, layout, chat, rows, bad, duplicates)
 
@@ -292,12 +306,13 @@ def _tokenized_split(
     log: Callable[[str], None],
 ) -> tuple[datasets.Dataset, dict[str, Any], dict[str, np.ndarray]]:
     key = key_of({**settings, "rows": rows_hash(rows)})
-    paired = canonical.layout != "unpaired"
+    paired = canonical.layout not in SINGLE_LAYOUTS
     sides = ("chosen", "rejected") if paired else ("completion",)
 
     def tokenize():
         return _tokenize(rows, canonical, tokenizer, data_cfg, sides, template, template_label,
-                         unpaired=settings["unpaired"], seed=settings["seed"], log=log, name=name, key=key)
+                         unpaired=settings["unpaired"], seed=settings["seed"], log=log, name=name, key=key,
+                         with_kl=not settings.get("completions", False))
 
     # An empty split is built at once and never cached: datasets cannot load an empty saved dataset back.
     if not rows:
@@ -355,7 +370,7 @@ def _quiet_datasets():
 
 
 def _unit(canonical: Canonical) -> str:
-    return "rows" if canonical.layout == "unpaired" else "pairs"
+    return "rows" if canonical.layout in SINGLE_LAYOUTS else "pairs"
 
 
 def _tokenize(
@@ -372,6 +387,7 @@ def _tokenize(
     log: Callable[[str], None],
     name: str,
     key: str,
+    with_kl: bool = True,
 ) -> tuple[datasets.Dataset, dict[str, Any], dict[str, np.ndarray]]:
     unit = _unit(canonical)
     if not rows:
@@ -424,8 +440,8 @@ def _tokenize(
         if not unpaired:
             dataset = _paired_dataset(kept)
         else:
-            dataset = _unpaired_dataset(kept, paired=canonical.layout != "unpaired", seed=seed,
-                                        max_length=data_cfg.max_length)
+            dataset = _unpaired_dataset(kept, paired=canonical.layout not in SINGLE_LAYOUTS, seed=seed,
+                                        max_length=data_cfg.max_length, with_kl=with_kl)
     meta = {
         "count": len(kept),
         "truncated": int(columns["truncated"].astype(bool).sum()),
@@ -461,13 +477,16 @@ def _paired_dataset(kept: datasets.Dataset) -> datasets.Dataset:
     return columns.add_column("index", np.arange(len(kept), dtype=np.int64)).cast(features)
 
 
-def _unpaired_dataset(kept: datasets.Dataset, *, paired: bool, seed: int | None, max_length: int) -> datasets.Dataset:
+def _unpaired_dataset(kept: datasets.Dataset, *, paired: bool, seed: int | None, max_length: int,
+                      with_kl: bool = True) -> datasets.Dataset:
+    """Unpaired rows; ``with_kl`` false (supervised fine-tuning) leaves every KL completion empty."""
     seed = 0 if seed is None else seed
     if paired:
         columns = kept.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).to_dict()
         rows = pairs_to_unpaired(columns["prompt_ids"], columns["chosen_ids"], columns["rejected_ids"], seed)
     else:
         rows = kept.select_columns(["prompt_ids", "completion_ids", "label"]).to_dict()
-    rows["kl_completion_ids"] = kl_completions(rows["prompt_ids"], rows["completion_ids"], seed, max_length)
+    rows["kl_completion_ids"] = (kl_completions(rows["prompt_ids"], rows["completion_ids"], seed, max_length) if with_kl
+                                 else [[] for _ in rows["completion_ids"]])
     rows["index"] = list(range(len(rows["label"])))
     return datasets.Dataset.from_dict(rows, features=UNPAIRED_FEATURES)

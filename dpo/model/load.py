@@ -188,16 +188,24 @@ def prepare_kbit_training(model: nn.Module, gradient_checkpointing: bool) -> nn.
     return model
 
 
-def add_lora(model: nn.Module, lora: LoraConfig, gradient_checkpointing: bool = False):
-    """Wrap ``model`` with a fresh LoRA adapter (peft). The LM head is never adapted."""
+def add_lora(model: nn.Module, lora: LoraConfig, gradient_checkpointing: bool = False, adapter: str | None = None):
+    """Wrap ``model`` with a fresh LoRA adapter (peft), or with the saved ``adapter`` (``model.adapter``) to
+    train on from where it is; that adapter's own rank and targets then apply, not ``lora``'s. The LM head
+    is never adapted."""
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
+    from peft import PeftModel, get_peft_model
 
     if is_quantized(model):
         model = prepare_kbit_training(model, gradient_checkpointing)
     elif gradient_checkpointing:
         enable_checkpointing(model)
         model.enable_input_require_grads()
+    if adapter is not None:
+        try:
+            return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise ModelError(f"model.adapter: cannot load {adapter!r} onto {getattr(model, 'name_or_path', 'the base')} "
+                             f"(a LoRA adapter folder saved for this base, e.g. an SFT run's OUT/adapter): {exc}") from None
     peft_config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,

@@ -61,7 +61,7 @@ class ReferenceLogps:
 def _example_length(row: dict) -> int:
     prompt = len(row["prompt_ids"])
     sides = [k for k in ("chosen_ids", "rejected_ids", "completion_ids", "kl_completion_ids") if k in row]
-    return prompt + max(len(row[k]) for k in sides)
+    return prompt + max((len(row[k]) for k in sides), default=0)  # prompt-only rows: an online task's held-out prompts
 
 
 def _longest_first(rows: Sequence[dict], positions: Sequence[int]) -> list[int]:

@@ -86,10 +86,21 @@ def load_reward_base(config: ModelConfig, device: torch.device | str | None = No
     return model
 
 
-def add_reward_lora(model: nn.Module, lora: LoraConfig, gradient_checkpointing: bool = False):
-    """Wrap ``model`` with a fresh LoRA adapter on the trunk; the score head is trained in full."""
+def add_reward_lora(model: nn.Module, lora: LoraConfig, gradient_checkpointing: bool = False,
+                    adapter: str | None = None):
+    """Wrap ``model`` with a LoRA adapter on the trunk; the score head is trained in full.
+
+    The adapter is fresh, or with ``adapter`` (``model.adapter``, e.g. an SFT run's) a copy of that saved
+    causal-LM adapter, with its rank and targets, trained on from where it is.
+    """
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import (
+        PeftConfig,
+        get_peft_model,
+        get_peft_model_state_dict,
+        prepare_model_for_kbit_training,
+        set_peft_model_state_dict,
+    )
 
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(
@@ -99,11 +110,28 @@ def add_reward_lora(model: nn.Module, lora: LoraConfig, gradient_checkpointing: 
     elif gradient_checkpointing:
         enable_checkpointing(model)
         model.enable_input_require_grads()
+    r, alpha, dropout, targets = lora.r, lora.alpha, lora.dropout, lora.target_modules
+    if adapter is not None:
+        try:
+            start = PeftConfig.from_pretrained(adapter)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"model.adapter: {adapter!r} is not a LoRA adapter folder: {exc}") from None
+        r, alpha, dropout, targets = start.r, start.lora_alpha, start.lora_dropout, sorted(start.target_modules)
     peft_config = PeftLoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
         task_type="SEQ_CLS", modules_to_save=[HEAD], bias="none",
     )
-    return get_peft_model(model, peft_config)
+    peft_model = get_peft_model(model, peft_config)
+    if adapter is not None:
+        from safetensors.torch import load_file
+
+        start = load_file(str(Path(adapter) / "adapter_model.safetensors"))
+        state = get_peft_model_state_dict(peft_model)  # the new head's weights, and the trunk's to replace
+        unknown = sorted(set(start) - set(state))
+        if unknown:
+            raise ModelError(f"model.adapter: {adapter!r} does not fit this base's trunk (unexpected: {unknown[:3]})")
+        set_peft_model_state_dict(peft_model, {**state, **start})
+    return peft_model
 
 
 def score_head(model: nn.Module) -> nn.Module:
@@ -197,9 +225,10 @@ def reward_parts(recipe: Recipe, device, log: Callable[[str], None]) -> RewardPa
     collate = partial(collate_paired, pad_token_id=tokenizer.pad_token_id)
     base = load_reward_base(recipe.model, device=device)
     base.config.pad_token_id = tokenizer.pad_token_id
-    model = add_reward_lora(base, recipe.lora, recipe.model.gradient_checkpointing)
-    log(f"reward model: {recipe.model.path} with a new one-output '{HEAD}' head (trained in full) and LoRA r="
-        f"{recipe.lora.r} on the trunk")
+    model = add_reward_lora(base, recipe.lora, recipe.model.gradient_checkpointing, recipe.model.adapter)
+    trunk_adapter = (f"the trunk's LoRA started from {recipe.model.adapter}" if recipe.model.adapter
+                     else f"LoRA r={recipe.lora.r} on the trunk")
+    log(f"reward model: {recipe.model.path} with a new one-output '{HEAD}' head (trained in full) and {trunk_adapter}")
     center_weight = recipe.reward.center_weight
 
     def loss_fn(model, batch, split):

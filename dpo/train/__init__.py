@@ -1,8 +1,8 @@
 """The training stage: one loop from a recipe to a trained adapter, with checkpoints and metrics.
 
 Takes a validated recipe. The task's setup (:mod:`dpo.train.setup`) builds the model, the step module
-whose forward the loop runs, the data and the loss (the preference losses over cached reference
-log-probs, or a reward model); the loop (:mod:`dpo.train.loop`) runs the optimizer steps, evaluations and
+whose forward the loop runs, the data, the loss and the batch source (the preference losses over cached
+reference log-probs, a reward model, SFT, or PPO/RLOO whose batches are rollouts, :mod:`dpo.online`); the loop (:mod:`dpo.train.loop`) runs the optimizer steps, evaluations and
 checkpoints, on one process or several (data parallel, :mod:`dpo.train.parallel`). Hands on the adapter,
 ``metrics.jsonl`` (:mod:`dpo.train.metric_log`), ``final_metrics.json`` and resumable checkpoints
 (:mod:`dpo.train.checkpoint`), into an output directory whose marker records every path written there and
@@ -25,9 +25,10 @@ from dpo.train.checkpoint import (
 )
 from dpo.train.loop import build_optimizer, train
 from dpo.train.metric_log import MetricLog
-from dpo.train.setup import TrainSetup, preference_setup, reward_setup
+from dpo.train.setup import SETUPS, TrainSetup, online_setup, preference_setup, reward_setup, sft_setup
 
 __all__ = [
+    "SETUPS",
     "CheckpointError",
     "MetricLog",
     "TooManyBadSteps",
@@ -38,8 +39,10 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "online_setup",
     "preflight",
     "preference_setup",
     "reward_setup",
+    "sft_setup",
     "train",
 ]

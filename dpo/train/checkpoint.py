@@ -6,13 +6,16 @@ A run's output directory (its marker and lock: :mod:`dpo.train.output_dir`)::
     OUT/.dpo-train.lock            the lock of the run that holds the directory
     OUT/recipe.yaml, metrics.jsonl, final_metrics.json, adapter/
     OUT/checkpoints/step-000040/
-        adapter/                   the peft adapter (adapter_model.safetensors, adapter_config.json)
+        adapter/                   the peft adapter (adapter_model.safetensors, adapter_config.json); further
+                                   trained adapters (an online task's value model) in adapter/NAME/
         optimizer.safetensors      optimizer state tensors, keyed "<parameter index>.<name>"
         optimizer.json             parameter names, hyper-parameters, non-tensor state (step counts)
         scheduler.json             learning-rate schedule position
         scaler.json                loss-scaler state (only when a loss scaler runs)
         rng.json                   python, numpy, torch and CUDA generator states, one entry per process
         state.json                 loop position (epoch, micro-batch), global step, counters, metric window
+        batches.safetensors        what the batch source needs to give the same batches (an online task's
+                                   current rollout, KL coefficient and budget); absent when nothing
         run.json                   resolved recipe, data and reference fingerprints, process count, versions
         manifest.json              written last: size and SHA-256 of every file above
 
@@ -65,6 +68,7 @@ Log = Callable[[str], None]
 MANIFEST = CHECKPOINT_MANIFEST
 FORMAT = CHECKPOINT_FORMAT
 FORMAT_VERSION = 1
+BATCH_STATE = "batches.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TRASH_PREFIX = ".old-"
 
@@ -344,7 +348,10 @@ def run_inputs(recipe, recipe_file: Path | None = None) -> list[tuple[str, Path]
     template = data.chat_template
     if template is not None and ("{{" in template or "{%" in template):
         template = None  # an inline template, not a file
-    named = [("the recipe", recipe_file), ("model.path", recipe.model.path), ("data.train", data.train),
+    online = getattr(recipe, "online", None)
+    named = [("the recipe", recipe_file), ("model.path", recipe.model.path),
+             ("model.adapter", getattr(recipe.model, "adapter", None)),
+             ("online.reward_model", online.reward_model if online is not None else None), ("data.train", data.train),
              ("data.eval", data.eval), ("data.chat_template", template), ("data.cache_dir", data.cache_dir),
              ("reference.model_path", reference.model_path), ("reference.adapter", reference.adapter),
              ("reference.cache_dir", reference.cache_dir)]
@@ -574,7 +581,7 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 def save_checkpoint(directory: RunDirectory, loop: LoopState, *, model, optimizer, scheduler, scaler,
                     param_names: list[str], rng_states: list[dict[str, Any]], run: dict[str, Any],
-                    keep_last: int, log: Log) -> Path:
+                    keep_last: int, log: Log, batch_state: dict[str, Tensor] | None = None) -> Path:
     """Write a checkpoint of step ``loop.step`` atomically, then rotate to the ``keep_last`` newest.
 
     Every path is recorded in the directory's marker before it is written. A write that fails (a full
@@ -593,6 +600,7 @@ def save_checkpoint(directory: RunDirectory, loop: LoopState, *, model, optimize
         run: :func:`run_record` of this run.
         keep_last: how many complete checkpoints to keep.
         log: progress messages.
+        batch_state: the batch source's tensors (written as ``batches.safetensors`` when not empty).
 
     Returns:
         The checkpoint folder.
@@ -615,6 +623,8 @@ def save_checkpoint(directory: RunDirectory, loop: LoopState, *, model, optimize
     payloads["rng.json"] = _json_bytes({"processes": rng_states}, "rng.json")
     payloads["state.json"] = _json_bytes(asdict(loop), "state.json")
     payloads["run.json"] = _json_bytes(run, "run.json")
+    if batch_state:
+        payloads[BATCH_STATE] = safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in batch_state.items()})
     # What the folder takes: these files, and the adapter's weights (as many bytes as its parameters).
     needed = sum(map(len, payloads.values())) + sum(p.numel() * p.element_size() for p in model.parameters()
                                                     if p.requires_grad)
@@ -622,10 +632,12 @@ def save_checkpoint(directory: RunDirectory, loop: LoopState, *, model, optimize
     try:
         with writing(temp, "checkpoint", needed):
             temp.mkdir()
-            model.save_pretrained(temp / "adapter", safe_serialization=True)
-            for path in sorted((temp / "adapter").iterdir()):
-                _sync_file(path)
-            _sync_dir(temp / "adapter")
+            save_adapters(model, temp / "adapter")
+            for path in sorted((temp / "adapter").rglob("*")):
+                if path.is_file():
+                    _sync_file(path)
+            for folder in sorted({path.parent for path in (temp / "adapter").rglob("*")}):
+                _sync_dir(folder)
             for name, data in payloads.items():
                 _write_new_file(temp / name, data)
             _sync_dir(temp)
@@ -773,11 +785,33 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
-def _restore_adapter(model, path: Path) -> None:
+def trained_adapters(model) -> list[str]:
+    """The names of ``model``'s peft adapters that have trainable parameters (the policy's ``default`` always)."""
+    names = ["default"]
+    for name in getattr(model, "peft_config", {}):
+        if name != "default" and any(p.requires_grad and f".{name}." in n for n, p in model.named_parameters()):
+            names.append(name)
+    return names
+
+
+def save_adapters(model, folder: Path) -> None:
+    """Save the trained adapters of a peft model (``default`` in ``folder``, others in ``folder/NAME``); frozen
+    ones (an online task's reward or reference adapter) are read from where they came from instead."""
+    model.save_pretrained(folder, safe_serialization=True, selected_adapters=trained_adapters(model))
+
+
+def _restore_adapters(model, directory: Path) -> None:
+    """Every trained adapter of ``model`` from a checkpoint's ``adapter/`` folder."""
+    for name in trained_adapters(model):
+        folder = directory if name == "default" else directory / name
+        _restore_adapter(model, folder / "adapter_model.safetensors", name)
+
+
+def _restore_adapter(model, path: Path, adapter_name: str = "default") -> None:
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     saved = _read_safetensors(path)
-    expected = get_peft_model_state_dict(model)
+    expected = get_peft_model_state_dict(model, adapter_name=adapter_name)
     if set(saved) != set(expected):
         missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
         raise CheckpointError(f"{path}: the adapter does not match this model's (missing: {missing[:3]}, "
@@ -786,7 +820,7 @@ def _restore_adapter(model, path: Path) -> None:
         if tensor.shape != expected[key].shape:
             raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, this model's "
                                   f"{tuple(expected[key].shape)}; the lora section or the model differs")
-    set_peft_model_state_dict(model, saved)
+    set_peft_model_state_dict(model, saved, adapter_name=adapter_name)
 
 
 def _restore_optimizer(optimizer, directory: Path, param_names: list[str]) -> None:
@@ -810,14 +844,21 @@ def _restore_optimizer(optimizer, directory: Path, param_names: list[str]) -> No
 
 
 def restore_checkpoint(checkpoint: Checkpoint, *, model, optimizer, scheduler, scaler,
-                       param_names: list[str], process_index: int) -> LoopState:
+                       param_names: list[str], process_index: int, batches=None) -> LoopState:
     """Load a verified checkpoint into the run's objects; the RNG states last, so the next draw matches.
+
+    Args:
+        batches: the run's batch source, given the checkpoint's ``batches.safetensors`` (see
+            :class:`dpo.train.setup.BatchSource`); None to skip.
 
     Returns:
         The loop state to continue from.
     """
     directory = checkpoint.path
-    _restore_adapter(model, directory / "adapter" / "adapter_model.safetensors")
+    _restore_adapters(model, directory / "adapter")
+    if batches is not None:
+        state_file = directory / BATCH_STATE
+        batches.load_state(_read_safetensors(state_file) if state_file.is_file() else {})
     _restore_optimizer(optimizer, directory, param_names)
     scheduler.load_state_dict(_read_json(directory / "scheduler.json"))
     if scaler is not None:
@@ -855,6 +896,8 @@ def recipe_differences(saved_run: dict[str, Any], recipe_tree: dict[str, Any]) -
         if key in IGNORED_ON_RESUME or CONTENT_CHECKED.get(key) in fingerprints:
             continue
         before, after = saved.get(key, _ABSENT), now.get(key, _ABSENT)
+        if before in (None, _ABSENT) and after in (None, _ABSENT):
+            continue  # a key added since the checkpoint was written, at its default "none"
         if before != after:
             lines.append(f"{key}: {before!r} in the checkpoint, {after!r} now")
     return lines

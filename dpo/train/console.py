@@ -64,6 +64,9 @@ COLUMNS: list[tuple[str, Callable[[dict], object], str, int]] = [
     ("acc", lambda r: r.get("rewards/accuracies"), ".3f", 5),
     ("gap", _gap, "+.3f", 7),
     ("margin", lambda r: r.get("rewards/margins"), "+.3f", 7),
+    ("reward", lambda r: r.get("reward/proxy"), "+.3f", 7),  # online tasks: the reward model's score,
+    ("gold", lambda r: r.get("reward/gold"), "+.3f", 7),  # the gold scorer's,
+    ("kl", lambda r: r.get("kl/k1"), "+.3f", 7),  # and the sampled KL to the reference
     ("lr", lambda r: r.get("lr"), ".2e", 8),
     ("grad", lambda r: r.get("grad_norm"), ".3f", 7),
     ("tok/s", lambda r: r.get("tokens_per_s"), ",.0f", 7),

@@ -1,8 +1,11 @@
 """The training loop: one function, read top to bottom.
 
-recipe -> task setup (data, model, step module, loss, reference log-probs; :mod:`dpo.train.setup`) ->
-optimizer steps over the step module's forward and the loss -> evaluations, checkpoints, metrics ->
-adapter. The loop never looks at the task or the loss by name: it runs what the setup hands it.
+recipe -> task setup (data, model, step module, loss, reference log-probs, batch source;
+:mod:`dpo.train.setup`) -> optimizer steps over the step module's forward and the loss -> evaluations,
+checkpoints, metrics -> adapter. The loop never looks at the task or the loss by name: it runs what the setup
+hands it. Each epoch's micro-batches come from the batch source: shuffled training rows, or for an online
+task one rollout, sampled when the epoch starts (see ARCHITECTURE.md, "One loop for offline and online
+training").
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from dpo.train.checkpoint import (
     run_differences,
     run_inputs,
     run_record,
+    save_adapters,
     save_checkpoint,
     version_notes,
 )
@@ -50,7 +54,7 @@ from dpo.train.metric_log import MetricLog
 from dpo.train.parallel import average_gradients, broadcast_parameters, merge_sums, shard
 from dpo.train.plan import plan_steps, warmup_steps
 from dpo.train.run_files import RUN_README, model_card, run_readme, set_adapter_base
-from dpo.train.setup import preference_setup, reward_setup
+from dpo.train.setup import SETUPS
 from dpo.train.trackers import require_trackers
 
 Log = Callable[[str], None]
@@ -87,8 +91,9 @@ class MetricWindow:
         self.counts.clear()
 
 
-def build_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW from torch, or bitsandbytes' 8-bit (optionally paged) AdamW.
+def build_optimizer(params: list[torch.nn.Parameter] | list[dict], train: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW from torch, or bitsandbytes' 8-bit (optionally paged) AdamW, over parameters or parameter groups
+    (a group's ``lr`` overrides ``train.lr``).
 
     The 8-bit variants keep both moments of every tensor of 4096+ values in 8 bits with one float32 scale
     per 256 (2 bytes a parameter instead of 8); the paged one keeps them in unified memory that can spill
@@ -148,19 +153,6 @@ def describe_eval(tag: str, metrics: dict[str, float]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ the loop
-
-
-def epoch_batches(num_rows: int, batch_size: int, seed: int, epoch: int, drop_last: bool) -> list[list[int]]:
-    """Row positions of every micro-batch of one epoch, in order.
-
-    The shuffle depends only on ``(seed, epoch)``, so a resumed run rebuilds the order from its
-    checkpointed position instead of replaying a data loader's hidden state.
-    """
-    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    batches = [order[i : i + batch_size] for i in range(0, num_rows, batch_size)]
-    if drop_last and batches and len(batches[-1]) < batch_size:
-        batches.pop()
-    return batches
 
 
 def count_step(loop: LoopState, losses: list[float], applied: bool, scaler_active: bool, log: Log) -> None:
@@ -270,8 +262,7 @@ def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume:
     # data and reference caches, which the others then read.
     try:
         with accelerator.main_process_first():
-            setup = (reward_setup(recipe, device, log) if recipe.task == "reward"
-                     else preference_setup(recipe, device, log))
+            setup = SETUPS[recipe.task](recipe, device, log)
     except BaseException:
         if is_main and checkpoint is None:
             run_dir.discard()  # a fresh run that could not load its inputs leaves nothing behind
@@ -289,19 +280,23 @@ def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume:
     metrics_path = out_dir / "metrics.jsonl"  # written through MetricLog, by the main process only
 
     # 2. Optimizer, schedule, data order.
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    # Parameter groups (one, unless the task trains parts at their own learning rate), in the optimizer's order.
+    groups = setup.param_groups([(name, p) for name, p in model.named_parameters() if p.requires_grad])
+    trainable = [named for members, _ in groups for named in members]
     param_names, params = [name for name, _ in trainable], [p for _, p in trainable]
     if world > 1:
         # Every process starts from process 0's adapter, and draws its own dropout masks.
         broadcast_parameters(params)
         set_seed(cfg.seed + rank)
-    num_rows = len(setup.train_rows)
-    plan = plan_steps(num_rows, cfg, drop_last=setup.drop_last, world=world)
+    # An epoch is a pass over the training rows, or an online task's rollout (see dpo.train.setup).
+    plan = plan_steps(len(setup.train_rows), cfg, drop_last=setup.drop_last, world=world,
+                      micro_batches=setup.batches.micro_batches(cfg.batch_size, world, log),
+                      epochs=setup.batches.epochs(cfg.epochs))
     if plan.left_out:
         log(f"note: {plan.micro_batches} micro-batches an epoch over {world} processes: the last {plan.left_out} "
             "of each epoch's shuffled order are left out, so every process takes as many")
     total_steps = plan.total_steps
-    optimizer = build_optimizer(params, cfg)
+    optimizer = build_optimizer([{"params": [p for _, p in members], **options} for members, options in groups], cfg)
     # Not handed to accelerate.prepare: its scheduler wrapper would step once per process, and the step module
     # is not wrapped in DDP (see dpo.train.parallel).
     scheduler = build_scheduler(optimizer, cfg, total_steps)
@@ -327,14 +322,15 @@ def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume:
         if is_main:
             path = save_checkpoint(run_dir, loop, model=model, optimizer=optimizer, scheduler=scheduler,
                                    scaler=accelerator.scaler, param_names=param_names, rng_states=rng_states,
-                                   run=run, keep_last=cfg.keep_last, log=log)
+                                   run=run, keep_last=cfg.keep_last, log=log, batch_state=setup.batches.state())
         accelerator.wait_for_everyone()
         return path
 
     # 3. Where to start: a checkpoint's state, or the untrained policy's held-out metrics.
     if checkpoint is not None:
         loop = restore_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler,
-                                  scaler=accelerator.scaler, param_names=param_names, process_index=rank)
+                                  scaler=accelerator.scaler, param_names=param_names, process_index=rank,
+                                  batches=setup.batches)
         if not is_main:
             loop.window_sums, loop.window_counts = {}, {}
         if is_main and rewind_metrics(metrics_path, loop.step, final=loop.step >= total_steps):
@@ -364,12 +360,12 @@ def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume:
     run_start = time.perf_counter()
     with StopSignals() as signals:
         while loop.step < total_steps:
-            batches = shard(epoch_batches(num_rows, cfg.batch_size, cfg.seed, loop.epoch, setup.drop_last),
-                            rank, world, whole_rounds=True)
+            started = time.perf_counter()
+            batches = setup.batches.epoch(loop.epoch, rank, world)  # an online task samples its rollout here
+            window_start += time.perf_counter() - started  # tokens_per_s is the update's (rollouts log their own)
             while loop.micro_batch < len(batches) and loop.step < total_steps:
-                rows = [setup.train_rows[i] for i in batches[loop.micro_batch]]
+                batch = {k: v.to(device) for k, v in batches[loop.micro_batch].items()}
                 loop.micro_batch += 1
-                batch = {k: v.to(device) for k, v in setup.collate(rows).items()}
                 with accelerator.accumulate(step_module):
                     out = loss_fn(step_module, batch, "train")
                     loss = out.losses.mean()
@@ -456,10 +452,10 @@ def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume:
     if is_main:
         curves.write_run_curves(run_dir, log)
     adapter_dir = out_dir / "adapter"
-    summary = {"eval_before": loop.eval_before, "eval_after": after, "steps": loop.step}
+    summary = {"eval_before": loop.eval_before, "eval_after": after, "steps": loop.step, **setup.batches.summary()}
     if is_main:
         def save_adapter(folder: Path) -> None:
-            model.save_pretrained(folder, safe_serialization=True)
+            save_adapters(model, folder)
             setup.tokenizer.save_pretrained(folder)
             # peft's README.md is a template to fill in; this one is filled in.
             (folder / "README.md").write_text(model_card(recipe, summary, setup.fingerprints, setup.headline),

@@ -56,8 +56,25 @@ def warmup_steps(train: TrainConfig, total_steps: int) -> int:
     return train.warmup_steps if train.warmup_steps is not None else int(train.warmup_ratio * total_steps)
 
 
-def plan_steps(num_rows: int, train: TrainConfig, *, drop_last: bool, world: int = 1,
-               has_eval: bool = True) -> StepPlan:
+def count_micro_batches(num_rows: int, batch_size: int, *, drop_last: bool, world: int = 1) -> int:
+    """Micro-batches of ``batch_size`` in one pass over ``num_rows`` training examples, over all processes.
+
+    Raises:
+        DataError: too few examples for one micro-batch, or for one micro-batch per process.
+    """
+    micro_batches = num_rows // batch_size if drop_last else math.ceil(num_rows / batch_size)
+    if micro_batches == 0:
+        raise DataError(f"data.train: {num_rows} training examples, fewer than train.batch_size "
+                         f"({batch_size}) which this loss needs in every batch; lower train.batch_size")
+    if micro_batches < world:
+        raise DataError(f"data.train: {num_rows} training examples make {micro_batches} micro-batches of "
+                         f"train.batch_size={batch_size}, fewer than the {world} processes that each need "
+                         "one; lower train.batch_size or use fewer processes")
+    return micro_batches
+
+
+def plan_steps(num_rows: int, train: TrainConfig, *, drop_last: bool, world: int = 1, has_eval: bool = True,
+               micro_batches: int | None = None, epochs: int | None = None) -> StepPlan:
     """The run's step counts for ``num_rows`` training examples.
 
     Args:
@@ -66,20 +83,18 @@ def plan_steps(num_rows: int, train: TrainConfig, *, drop_last: bool, world: int
         drop_last: whether a short last micro-batch is dropped (losses that need full batches, e.g. KTO).
         world: processes.
         has_eval: whether there is a held-out set to evaluate.
+        micro_batches: micro-batches of one epoch, when the task's batch source counts them itself (an online
+            task's epoch is one rollout); by default those of a pass over ``num_rows``.
+        epochs: epochs of the run when ``train.max_steps`` is not set (an online task runs one per rollout);
+            by default ``train.epochs``.
 
     Raises:
         DataError: too few examples for one micro-batch, or for one micro-batch per process.
     """
-    micro_batches = num_rows // train.batch_size if drop_last else math.ceil(num_rows / train.batch_size)
-    if micro_batches == 0:
-        raise DataError(f"data.train: {num_rows} training examples, fewer than train.batch_size "
-                         f"({train.batch_size}) which this loss needs in every batch; lower train.batch_size")
-    if micro_batches < world:
-        raise DataError(f"data.train: {num_rows} training examples make {micro_batches} micro-batches of "
-                         f"train.batch_size={train.batch_size}, fewer than the {world} processes that each need "
-                         "one; lower train.batch_size or use fewer processes")
+    if micro_batches is None:
+        micro_batches = count_micro_batches(num_rows, train.batch_size, drop_last=drop_last, world=world)
     steps_per_epoch = max(1, micro_batches // world // train.grad_accum)
-    total = train.max_steps or train.epochs * steps_per_epoch
+    total = train.max_steps or (train.epochs if epochs is None else epochs) * steps_per_epoch
     every = lambda n: [s for s in range(n, total, n)] if n else []  # noqa: E731 (a local shorthand)
     evals = ([0, *every(train.eval_every), total] if has_eval else [])
     return StepPlan(

@@ -35,3 +35,12 @@ def test_compare_file_errors_name_the_key(tmp_path, capsys):
 def test_shipped_compare_file_validates():
     config = load_compare_config("recipes/compare-quickstart.yaml")
     assert config.reference_name == "base" and [m.name for m in config.models] == ["base", "dpo"]
+
+
+def test_online_compare_file_validates_and_a_gold_spec_is_checked():
+    config = load_compare_config("recipes/compare-online-quickstart.yaml")
+    assert config.gold == "dpo.quickstart:gold" and config.reference_name == "sft"
+    assert [m.run for m in config.models][1:] == ["runs/dpo-sft-quickstart", "runs/ppo-quickstart",
+                                                  "runs/rloo-quickstart"]
+    with pytest.raises(CompareError, match="gold: expected module:function"):
+        load_compare_config("recipes/compare-online-quickstart.yaml", ["gold=not-a-spec"])

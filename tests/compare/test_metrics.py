@@ -52,3 +52,16 @@ def test_median_and_mean():
     assert cm.median([3, 1, 2, 10]) == 2.5
     assert cm.mean([1, 2]) == 1.5
     assert cm.median([]) is None and cm.mean([]) is None
+
+
+def test_paired_gain_and_the_reward_hacking_flag():
+    # Differences 1, 2, 3: mean 2, s = 1, s.e. 1/sqrt(3).
+    gain, se = cm.paired_gain([2.0, 3.0, 4.0], [1.0, 1.0, 1.0])
+    assert gain == pytest.approx(2.0) and se == pytest.approx(1 / math.sqrt(3))
+    with pytest.raises(ValueError):
+        cm.paired_gain([1.0], [1.0, 2.0])
+    assert cm.reward_hacking(2.0, 0.5, 0.0)  # proxy up by 4 s.e., gold flat
+    assert cm.reward_hacking(2.0, 0.5, -0.3)  # gold down
+    assert not cm.reward_hacking(2.0, 0.5, 0.1)  # gold rose too
+    assert not cm.reward_hacking(0.8, 0.5, -0.3)  # proxy within two standard errors: no claim
+    assert not cm.reward_hacking(2.0, 0.5, None)  # no gold scorer

@@ -83,3 +83,15 @@ def test_prepared_fixture_batch_labels_read_back_as_the_completion_text(tmp_path
     assert tokens(tokenizer, unlabelled.tolist()) == ["<bos>", "Which", "city", "is", "the", "capital", "of", "France", "?"]
     rejected = batch["labels"][2][batch["labels"][2] != IGNORE_INDEX].tolist()
     assert tokens(tokenizer, rejected) == ["The", "capital", "of", "France", "is", "Geneva", ".", "<eos>"]
+
+
+def test_collate_completions_takes_the_completion_or_the_chosen_side():
+    from dpo.data.collate import collate_completions
+
+    pairs = [{"index": 3, "prompt_ids": [1, 5], "chosen_ids": [7, 2], "rejected_ids": [8, 8, 2]}]
+    batch = collate_completions(pairs, pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[1, 5, 7, 2]] and batch["labels"].tolist() == [[-100, -100, 7, 2]]
+    rows = [{"index": 0, "prompt_ids": [1], "completion_ids": [4, 2]}, {"index": 1, "prompt_ids": [1, 6], "completion_ids": [2]}]
+    batch = collate_completions(rows, pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[1, 4, 2], [1, 6, 2]] and batch["index"].tolist() == [0, 1]
+    assert batch["labels"].tolist() == [[-100, 4, 2], [-100, -100, 2]]

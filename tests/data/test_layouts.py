@@ -231,3 +231,32 @@ def test_recipe_column_names_match_the_data_path():
         DataConfig(train="x.jsonl", columns={"question": "prompt"})
     with pytest.raises(ValueError, match="response_a, response_b and preference"):
         DataConfig(train="x.jsonl", columns={"response_a": "human_ref_A"})
+
+
+def test_demonstrations_are_detected_and_normalised():
+    from dpo.data.layouts import normalise_row, uses_chat
+
+    text = {"prompt": "Q?", "completion": " A."}
+    assert detect_layout(["prompt", "completion"], text, "d") == "demonstrations"
+    assert detect_layout(["prompt", "completion", "label"], {**text, "label": True}, "d") == "unpaired"
+    assert normalise_row(text, "demonstrations", chat=False) == {"prompt": "Q?", "completion": " A.", "label": True}
+    conversation = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    assert detect_layout(["messages"], conversation, "d") == "demonstrations"
+    assert uses_chat("demonstrations", conversation) and not uses_chat("demonstrations", text)
+    assert normalise_row(conversation, "demonstrations", chat=True) == {
+        "prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Hello"}],
+        "label": True}
+    for bad in ([{"role": "assistant", "content": "Hello"}],
+                [{"role": "user", "content": "Hi"}, {"role": "user", "content": "there"}],
+                [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  "}]):
+        with pytest.raises(RowProblem):
+            normalise_row({"messages": bad}, "demonstrations", chat=True)
+
+
+def test_demonstrations_train_only_with_completions(tmp_path):
+    config = DataConfig(train=str(FIXTURES / "demonstrations.jsonl"), eval_fraction=0.25, cache_dir=str(tmp_path))
+    with pytest.raises(DataError, match="train with task: sft"):
+        prepare_data(config, build_word_tokenizer(), unpaired=False, seed=0, log=lambda _: None)
+    data = prepare_data(config, build_word_tokenizer(), unpaired=False, seed=0, log=lambda _: None, completions=True)
+    assert data.layout == "demonstrations" and len(data.train) == 3 and len(data.eval) == 1
+    assert all(data.train["label"]) and data.stats.unit == "rows"

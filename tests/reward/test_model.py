@@ -155,3 +155,24 @@ def test_qlora_reward_model_trains_and_reloads(tmp_path):
     scores = score_texts(run, [{"prompt": p["prompt"], "completion": side} for p in pairs[32:36]
                                for side in (" yes", " no")], 8, "cpu", "test")
     assert all(yes > no for yes, no in zip(scores[0::2], scores[1::2]))
+
+
+def test_a_reward_model_started_from_a_causal_lm_adapter_copies_it_into_its_trunk(tmp_path):
+    from peft import get_peft_model_state_dict
+
+    from dpo.model import add_lora, load_base_model
+
+    path = build_tiny_model(tmp_path / "m")
+    config = ModelConfig(path=str(path))
+    sft = add_lora(load_base_model(config), LoraConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for name, param in sft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    sft.save_pretrained(tmp_path / "sft")
+    # The recipe's lora section (r=8) gives way to the adapter's own rank (r=4).
+    reward = add_reward_lora(load_reward_base(config), LoraConfig(r=8, alpha=16), adapter=str(tmp_path / "sft"))
+    copied, saved = get_peft_model_state_dict(reward), get_peft_model_state_dict(sft)
+    for key, value in saved.items():
+        assert torch.equal(copied[key], value), key
+    assert any(HEAD in key for key in copied)  # and the new head is trained (saved) beside the trunk

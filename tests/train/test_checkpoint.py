@@ -565,3 +565,14 @@ def test_the_first_signal_is_recorded_and_the_handlers_are_restored():
         os.kill(os.getpid(), signal.SIGTERM)
         assert signals.received == signal.SIGTERM  # recorded, nothing raised: the step goes on
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_a_key_added_since_a_checkpoint_at_its_none_default_is_no_difference():
+    from dpo.train.checkpoint import recipe_differences
+
+    saved = {"recipe": {"model": {"path": "m", "dtype": "float32"}, "lora": {"target_modules": ["q_proj"]}}}
+    now = {"model": {"path": "m", "dtype": "float32", "adapter": None}, "online": None,
+           "lora": {"target_modules": ["q_proj"]}}
+    assert recipe_differences(saved, now) == []
+    now["model"]["adapter"] = "runs/sft/adapter"
+    assert recipe_differences(saved, now) == ["model.adapter: '(absent)' in the checkpoint, 'runs/sft/adapter' now"]

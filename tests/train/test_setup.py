@@ -3,6 +3,8 @@ reference-free losses."""
 
 from __future__ import annotations
 
+import torch
+
 from dpo.recipe import load_recipe
 from tests.train.test_loop import tiny_recipe
 
@@ -39,3 +41,24 @@ def test_reference_is_computed_before_the_first_step_and_never_inside_it(tmp_pat
     trainer.train(load_recipe(tiny_recipe(tmp_path), ["train.max_steps=2"]), log=lambda _: None)
     assert events[0] == "reference" and events.count("reference") == 1
     assert events.count("step") == 2
+
+
+def test_a_policy_started_from_an_adapter_starts_at_its_reference(tmp_path):
+    """model.adapter: the policy is that adapter, trained on, and the reference is it too: before training every
+    held-out pair ties exactly."""
+    import dpo.train.loop as trainer
+    from dpo.model import add_lora, load_base_model
+
+    recipe = load_recipe(tiny_recipe(tmp_path), ["train.max_steps=1"])
+    sft = add_lora(load_base_model(recipe.model), recipe.lora)
+    with torch.no_grad():
+        for name, param in sft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    sft.save_pretrained(tmp_path / "sft")
+    started = load_recipe(tiny_recipe(tmp_path), ["train.max_steps=1", f"model.adapter={tmp_path / 'sft'}"])
+    assert started.reference.adapter == str(tmp_path / "sft")
+    summary = trainer.train(started, log=lambda _: None)
+    assert summary["eval_before"]["rewards/accuracies"] == 0.5 and summary["eval_before"]["rewards/margins"] == 0.0
+    plain = trainer.train(load_recipe(tiny_recipe(tmp_path / "plain"), ["train.max_steps=1"]), log=lambda _: None)
+    assert summary["eval_before"]["logps/chosen"] != plain["eval_before"]["logps/chosen"]  # it is not the base
