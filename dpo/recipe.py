@@ -264,6 +264,13 @@ class TrainConfig(_Section):
     Checkpoints (``output.dir/checkpoints``) are written every ``save_every`` steps (null: only at the end
     and on SIGINT/SIGTERM), the ``keep_last`` newest kept. A step whose loss or gradient norm is not finite
     is skipped; ``max_bad_steps`` such steps in a row stop the run.
+
+    ``packing`` lays each pair out once as ``[prompt | chosen | rejected]`` and packs a micro-batch's pairs into
+    rows without padding between them (``auto``: where the model's attention can take that mask, else padded
+    batches with a log line saying why; ``on``: an error where it cannot; ``off``: padded batches). It changes
+    how the same numbers are computed, not which: the micro-batches, log-probs and losses are the padded path's
+    up to float rounding. ``max_batch_tokens`` is the most tokens of one packed row (null: the longest pair of
+    the micro-batch on CPU, the whole micro-batch in one row on CUDA).
     """
 
     seed: int = 0
@@ -286,6 +293,8 @@ class TrainConfig(_Section):
     max_bad_steps: int = Field(5, ge=1)
     logprob_impl: Literal["auto", "torch", "triton"] = "auto"
     logprob_chunk_size: int | None = Field(None, ge=1)
+    packing: Literal["auto", "on", "off"] = "auto"
+    max_batch_tokens: int | None = Field(None, ge=1)
 
 
 # ------------------------------------------------------------------------------------------ reference
