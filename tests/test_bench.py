@@ -65,3 +65,18 @@ def test_long_line_bench_prepares_a_long_line_and_counts_it_truncated():
     out = run_bench("long_line.py", "--mb", "0.2")
     report = json.loads(out[out.index("{"):])
     assert report["truncated_pairs"] == 1 and report["peak_rss_mib"] > 0 and report["seconds"] > 0
+
+
+@pytest.mark.slow
+def test_throughput_bench_runs_every_mode_on_the_same_pairs_and_closes_with_the_ratio_line():
+    out = run_bench("throughput.py", "--shape", "tiny", "--repeats", "1", "--in-process", "--no-trl")
+    rows = table_rows(out)
+    first_losses = set()
+    for mode in ("padded", "packed", "packed+prefix"):
+        seconds, pairs_per_s, tokens_per_s, positions, first_loss, _peak, ratio = rows[mode]
+        assert float(seconds) > 0 and float(pairs_per_s) > 0 and float(tokens_per_s.replace(",", "")) > 0
+        first_losses.add(first_loss)
+    assert len(first_losses) == 1  # the same pairs, the same first step
+    positions = {mode: float(rows[mode][3].replace(",", "")) for mode in ("padded", "packed", "packed+prefix")}
+    assert positions["packed+prefix"] < positions["packed"] < positions["padded"]
+    assert re.fullmatch(r"packed\+prefix vs padded: \d+\.\d\dx pairs/s; vs TRL: n/a", out.strip().splitlines()[-1])
