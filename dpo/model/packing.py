@@ -228,19 +228,34 @@ def probe_difference(model: nn.Module, attention: PackedAttention) -> float:
     return worst
 
 
-def plan_packing(model: nn.Module, max_length: int | None, device) -> PackedAttention | str:
+def plan_packing(model: nn.Module, max_length: int | None, device, log: Log | None = None) -> PackedAttention | str:
     """How ``model`` takes packed batches, or why it cannot (see the module docstring).
 
     Args:
         model: the policy, a reference network or a reward model (peft-wrapped or not).
         max_length: the longest sequence (prompt + one side) the data can hold, which decides whether a
             sliding window can cut one; None: any window may.
-        device: where the model runs (on CUDA an ``sdpa`` model is switched to ``flex_attention``).
+        device: where the model runs (on CUDA an ``sdpa`` model is switched to ``flex_attention``; if that fails
+            to run, it goes back to ``sdpa`` with a boolean mask, said in ``log``).
+        log: where that is said.
     """
     plan = static_problem(model, max_length)
     if isinstance(plan, str):
         return plan
-    plan = use_flex_attention(model, plan, device)
+    flex = use_flex_attention(model, plan, device)
+    if flex is not plan:
+        try:
+            return checked(model, flex)
+        except Exception as exc:  # a compiler or kernel failure: the boolean mask through sdpa still works
+            causal_lm(model).set_attn_implementation(plan.implementation)
+            if log is not None:
+                log(f"packing: FlexAttention failed here ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                    "using a boolean 4-D mask through SDPA")
+    return checked(model, plan)
+
+
+def checked(model: nn.Module, plan: PackedAttention) -> PackedAttention | str:
+    """``plan`` if a probe pair agrees between the packed and padded layouts, else why not."""
     difference = probe_difference(model, plan)
     tolerance = PROBE_TOLERANCE.get(compute_dtype(model), 5e-2)
     if not difference <= tolerance:  # also catches NaN
@@ -258,7 +273,7 @@ def resolve_packing(mode: str, model: nn.Module, max_length: int | None, device,
     """
     if mode == "off":
         return None
-    plan = plan_packing(model, max_length, device)
+    plan = plan_packing(model, max_length, device, log)
     if isinstance(plan, str):
         if mode == "on":
             raise ModelError(f"train.packing: on, but {what} cannot take packed batches: {plan}. Set train.packing: "
