@@ -24,8 +24,8 @@ Modes, each in its own process (so each peak memory is its own), alternated over
 * ``trl``: TRL's ``DPOTrainer`` on the same model, LoRA, pairs and batch, with its best settings
   (precomputed reference log-probs, ``padding_free`` when this version accepts it), when TRL is installed.
 
-Columns: seconds per optimizer step (median of the timed steps), pairs/s, real tokens/s (prompt + chosen and
-prompt + rejected of every pair, no padding: the same count for every mode), the token positions the network
+Columns: seconds per optimizer step (median of the timed steps), pairs/s and real tokens/s at that median
+(tokens: prompt + chosen and prompt + rejected of every pair, no padding: the same count for every mode), the token positions the network
 ran over per step (padding included), the first step's loss (the same computation gives the same value) and
 peak memory (CUDA: ``max_memory_allocated`` over the timed steps; CPU: the process's peak resident memory).
 The last line is ``packed+prefix vs padded: X.XXx pairs/s; vs TRL: Y.YYx`` (``n/a`` without TRL).
@@ -52,7 +52,7 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, replace  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -321,7 +321,7 @@ def run_child(mode: str, args) -> dict | str:
     if shape.device == "cpu":
         env["OMP_NUM_THREADS"] = str(shape.threads)
     command = [sys.executable, str(Path(__file__).resolve()), "--shape", args.shape, "--pairs", str(args.pairs),
-               "--seed", str(args.seed), "--child", mode]
+               "--seed", str(args.seed), "--threads", str(shape.threads), "--child", mode]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -371,7 +371,7 @@ def summarize(results: dict[str, list[dict]], modes: list[str], batch: int) -> l
         runs = results[mode]
         per_step = [statistics.median(r["times"]) for r in runs]
         pairs_per_s = [batch / s for s in per_step]
-        tokens_per_s = [sum(r["tokens"]) / sum(r["times"]) for r in runs]
+        tokens_per_s = [statistics.mean(r["tokens"]) / s for r, s in zip(runs, per_step)]
         rates[mode] = pairs_per_s
         ratios = [a / b for a, b in zip(pairs_per_s, rates.get("padded", pairs_per_s))]
         positions = runs[0]["positions"]
@@ -402,10 +402,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="of the length mix and the token ids")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--no-trl", action="store_true", help="skip TRL even when it is installed")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: the shape's)")
     parser.add_argument("--in-process", action="store_true",
                         help="run every mode in this process (a quick check: peak memory is then the process's)")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads:
+        SHAPES[args.shape] = replace(SHAPES[args.shape], threads=args.threads)
     shape = SHAPES[args.shape]
     args.pairs = args.pairs or shape.pairs
     if args.child:

@@ -269,8 +269,9 @@ class TrainConfig(_Section):
     rows without padding between them (``auto``: where the model's attention can take that mask, else padded
     batches with a log line saying why; ``on``: an error where it cannot; ``off``: padded batches). It changes
     how the same numbers are computed, not which: the micro-batches, log-probs and losses are the padded path's
-    up to float rounding. ``max_batch_tokens`` is the most tokens of one packed row (null: the longest pair of
-    the micro-batch on CPU, the whole micro-batch in one row on CUDA).
+    up to float rounding. ``max_batch_tokens`` is the most tokens of one packed row (null: on CPU rows of one to
+    two times the micro-batch's longest pair, whichever needs the fewest positions; on CUDA the whole micro-batch
+    in one row).
     """
 
     seed: int = 0

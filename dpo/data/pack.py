@@ -50,18 +50,9 @@ def segment_length(segment: Segment) -> int:
     return len(prompt) + sum(len(tokens) for _, tokens in sides)
 
 
-def pack_rows(lengths: list[int], row_tokens: int | None) -> list[list[int]]:
-    """Segment positions of each row: first fit, longest first (ties in batch order).
-
-    Args:
-        lengths: tokens of each segment.
-        row_tokens: the most tokens a row holds; None: the longest segment (so no row is wider than that);
-            a segment longer than it gets a row of its own.
-
-    Returns:
-        Rows, each the positions (into ``lengths``) of its segments in the order they are laid out.
-    """
-    capacity = max(lengths) if row_tokens is None else row_tokens
+def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First fit, longest first (ties in batch order), into rows of ``capacity`` tokens; a segment longer than
+    that gets a row of its own."""
     rows: list[list[int]] = []
     fill: list[int] = []
     for position in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
@@ -74,6 +65,30 @@ def pack_rows(lengths: list[int], row_tokens: int | None) -> list[list[int]]:
             rows.append([position])
             fill.append(lengths[position])
     return rows
+
+
+def pack_rows(lengths: list[int], row_tokens: int | None) -> list[list[int]]:
+    """Segment positions of each row.
+
+    Args:
+        lengths: tokens of each segment.
+        row_tokens: the most tokens a row holds (first fit, longest first). None: rows of at most 1, 1.5 or 2
+            times the longest segment, whichever lays the segments out in the fewest token positions (rows are
+            padded to the widest; ties go to the narrower rows, since a dense mask costs a row's width squared).
+
+    Returns:
+        Rows, each the positions (into ``lengths``) of its segments in the order they are laid out.
+    """
+    if row_tokens is not None:
+        return first_fit(lengths, row_tokens)
+    longest = max(lengths)
+    layouts = [first_fit(lengths, int(longest * factor)) for factor in (1, 1.5, 2)]
+
+    def positions(rows: list[list[int]]) -> tuple[int, int]:
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        return len(rows) * width, width
+
+    return min(layouts, key=positions)
 
 
 def pack_segments(segments: list[Segment], num_sequences: int, pad_token_id: int,
@@ -193,8 +208,8 @@ def collate_packed_unpaired(rows: list[dict[str, Any]], pad_token_id: int, row_t
 
 def default_row_tokens(device) -> int | None:
     """Row budget when ``train.max_batch_tokens`` is unset: on CUDA a whole micro-batch in one row (FlexAttention
-    skips the blocks the mask rules out, so a wide row costs nothing); elsewhere the longest segment, since a
-    dense 4-D mask costs a row's width squared."""
+    skips the blocks the mask rules out, so a wide row costs nothing); elsewhere None, rows of one to two times
+    the longest segment (:func:`pack_rows`), since a dense 4-D mask costs a row's width squared."""
     return UNLIMITED if torch.device(device).type == "cuda" else None
 
 
@@ -218,13 +233,6 @@ def choose_collate(paired: bool, pad_token_id: int, packing: str, max_batch_toke
     row_tokens = max_batch_tokens if max_batch_tokens is not None else default_row_tokens(device)
     return partial(collate_packed_paired if paired else collate_packed_unpaired, pad_token_id=pad_token_id,
                    row_tokens=row_tokens)
-
-
-def collate_packed_single(sequences: list[tuple[list[int], list[int]]], pad_token_id: int,
-                          row_tokens: int | None = None) -> dict[str, Tensor]:
-    """Packed ``(prompt, completion)`` sequences, one segment each (sequence ``i`` is ``sequences[i]``)."""
-    segments = [(prompt, [(i, completion)]) for i, (prompt, completion) in enumerate(sequences)]
-    return pack_segments(segments, len(sequences), pad_token_id, row_tokens)
 
 
 def sequence_positions(batch: dict[str, Tensor]) -> list[Tensor]:

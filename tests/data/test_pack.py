@@ -61,7 +61,10 @@ def test_one_token_prompt_and_an_empty_prompt():
 
 
 def test_row_budget_default_unlimited_and_oversized_segments():
-    assert pack_rows([3, 6, 5], None) == [[1], [2], [0]]  # capacity = the longest segment
+    # None: rows of 6, 9 or 12 tokens, whichever needs the fewest positions: 3 x 6 = 18 and 2 x 9 = 18 (the
+    # narrower wins the tie) against 2 x 11 = 22.
+    assert pack_rows([3, 6, 5], None) == [[1], [2], [0]]
+    assert pack_rows([5, 4, 4, 3], None) == [[0, 1], [2, 3]]  # 2 x 9 = 18 beats 4 x 5 = 20 and 3 x 7 = 21
     assert pack_rows([3, 6, 5], UNLIMITED) == [[1, 2, 0]]
     assert pack_rows([3, 6, 5], 4) == [[1], [2], [0]]  # longer than the budget: a row of its own
     assert pack_rows([2, 2, 2, 2], 5) == [[0, 1], [2, 3]]
@@ -106,6 +109,8 @@ def test_collate_follows_train_packing_and_the_device():
     rows = [pair(0, [1], [2, 3], [4]), pair(1, [5, 6], [7], [8, 9, 10])]
     assert not is_packed(choose_collate(True, 0, "off", None, "cpu")(rows))
     cpu = choose_collate(True, 0, "auto", None, "cpu")(rows)
-    assert cpu["input_ids"].shape[0] == 2  # rows no wider than the longest pair
+    assert cpu["input_ids"].shape == (1, 10)  # one row of 10 positions beats two of 6
+    three = rows + [pair(2, [1, 2, 3], [4, 5], [6])]
+    assert choose_collate(True, 0, "auto", None, "cpu")(three)["input_ids"].shape == (3, 6)  # 18 positions, not 2 x 12
     assert choose_collate(True, 0, "on", 100, "cpu")(rows)["input_ids"].shape == (1, 10)
     assert choose_collate(True, 0, "auto", None, "cuda")(rows)["input_ids"].shape == (1, 10)  # one row
