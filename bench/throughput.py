@@ -161,70 +161,107 @@ def peak_memory(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def measure_ours(mode: str, shape: Shape, rows: list[dict]) -> dict:
-    """One run of our trainer's step in ``mode`` (``padded``, ``packed``, ``packed+prefix``)."""
-    from functools import partial
+class OurSteps:
+    """Our trainer's DPO step in one ``mode`` (``padded``, ``packed``, ``packed+prefix``), its reference
+    log-probs precomputed; :meth:`step` runs micro-batch ``k``."""
 
-    from dpo.data import choose_collate, collate_packed_paired
-    from dpo.data.pack import default_row_tokens
-    from dpo.losses import get_loss
-    from dpo.model import LogprobSettings, SequenceLogprobs, add_lora, plan_packing
-    from dpo.recipe import DPOLoss, LoraConfig, TrainConfig
-    from dpo.reference.compute import compute_reference_logps
-    from dpo.train.loop import build_optimizer
-    from dpo.train.setup import batch_loss
+    def __init__(self, mode: str, shape: Shape, rows: list[dict]):
+        from functools import partial
 
-    device = shape.device
-    policy = add_lora(build_model(shape), LoraConfig(r=16, alpha=32), shape.checkpointing)
-    max_length = max(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows)
-    packing = None
-    if mode == "padded":
-        collate = choose_collate(True, 0, "off", None, device)
-    else:
-        packing = plan_packing(policy, max_length, device)
-        if isinstance(packing, str):
-            raise SystemExit(f"this model cannot take packed batches: {packing}")
-        collate = partial(collate_packed_paired, pad_token_id=0, row_tokens=default_row_tokens(device),
-                          share_prompt=mode == "packed+prefix")
-    logprobs = SequenceLogprobs(policy, LogprobSettings(), packing)
+        from dpo.data import choose_collate, collate_packed_paired
+        from dpo.data.pack import default_row_tokens
+        from dpo.losses import get_loss
+        from dpo.model import LogprobSettings, SequenceLogprobs, add_lora, plan_packing
+        from dpo.recipe import DPOLoss, LoraConfig, TrainConfig
+        from dpo.reference.compute import compute_reference_logps
+        from dpo.train.loop import build_optimizer
 
-    def adapter_off(batch):
-        with policy.disable_adapter():
-            return logprobs(batch)
+        self.mode, self.shape, self.rows = mode, shape, rows
+        device = shape.device
+        policy = add_lora(build_model(shape), LoraConfig(r=16, alpha=32), shape.checkpointing)
+        max_length = max(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows)
+        packing = None
+        if mode == "padded":
+            self.collate = choose_collate(True, 0, "off", None, device)
+        else:
+            packing = plan_packing(policy, max_length, device)
+            if isinstance(packing, str):
+                raise SystemExit(f"this model cannot take packed batches: {packing}")
+            self.collate = partial(collate_packed_paired, pad_token_id=0, row_tokens=default_row_tokens(device),
+                                   share_prompt=mode == "packed+prefix")
+        self.logprobs = SequenceLogprobs(policy, LogprobSettings(), packing)
 
-    logprobs.eval()
-    with torch.no_grad():
-        reference = compute_reference_logps(rows, collate, adapter_off, shape.batch, device, "reference",
-                                            lambda _: None)
-    logprobs.train()
-    spec, options = get_loss("dpo"), DPOLoss(name="dpo", beta=0.1).options()
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, TrainConfig(lr=5e-5))
-    steps = len(rows) // shape.batch
-    times, tokens, positions, first_loss = [], [], [], None
-    for step in range(steps):
-        chunk = rows[step * shape.batch : (step + 1) * shape.batch]
-        if step == 1 and device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        def adapter_off(batch):
+            with policy.disable_adapter():
+                return self.logprobs(batch)
+
+        self.logprobs.eval()
+        with torch.no_grad():
+            self.reference = compute_reference_logps(rows, self.collate, adapter_off, shape.batch, device,
+                                                     "reference", lambda _: None)
+        self.logprobs.train()
+        self.spec, self.options = get_loss("dpo"), DPOLoss(name="dpo", beta=0.1).options()
+        self.params = [p for p in policy.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, TrainConfig(lr=5e-5))
+        self.steps = len(rows) // shape.batch
+
+    def step(self, k: int) -> tuple[float, int, int, float]:
+        """``(seconds, real tokens, positions run, loss)`` of micro-batch ``k`` (collating included)."""
+        from dpo.train.setup import batch_loss
+
+        device, chunk = self.shape.device, self.rows[k * self.shape.batch : (k + 1) * self.shape.batch]
         sync(device)
         start = time.perf_counter()
-        batch = {k: v.to(device) for k, v in collate(chunk).items()}
-        out = batch_loss(logprobs, batch, spec, options, reference)
-        loss = out.losses.mean()
+        batch = {key: v.to(device) for key, v in self.collate(chunk).items()}
+        loss = batch_loss(self.logprobs, batch, self.spec, self.options, self.reference).losses.mean()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         sync(device)
-        elapsed = time.perf_counter() - start
-        if step == 0:
-            first_loss = float(loss)
-            continue
-        times.append(elapsed)
-        tokens.append(real_tokens(chunk))
-        positions.append(batch["input_ids"].numel())
-    return {"mode": mode, "times": times, "tokens": tokens, "positions": statistics.mean(positions),
-            "first_loss": first_loss, "peak": peak_memory(device)}
+        return time.perf_counter() - start, real_tokens(chunk), batch["input_ids"].numel(), float(loss)
+
+
+def new_record(mode: str) -> dict:
+    return {"mode": mode, "times": [], "tokens": [], "positions": [], "first_loss": None, "peak": None}
+
+
+def add_step(record: dict, k: int, measured: tuple[float, int, int, float]) -> None:
+    seconds, tokens, positions, loss = measured
+    if k == 0:
+        record["first_loss"] = loss
+        return
+    record["times"].append(seconds)
+    record["tokens"].append(tokens)
+    record["positions"].append(positions)
+
+
+def measure_ours(mode: str, shape: Shape, rows: list[dict]) -> dict:
+    """One run of our trainer's step in ``mode``, alone in this process (so the peak memory is its own)."""
+    steps = OurSteps(mode, shape, rows)
+    record = new_record(mode)
+    for k in range(steps.steps):
+        if k == 1 and shape.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        add_step(record, k, steps.step(k))
+    record["positions"] = statistics.mean(record["positions"])
+    record["peak"] = peak_memory(shape.device)
+    return record
+
+
+def measure_interleaved(modes: list[str], shape: Shape, rows: list[dict]) -> list[dict]:
+    """Our modes in one process, step k of every mode before step k + 1 of any (who goes first rotates), so a
+    load that comes and goes on a shared machine hits them alike. No per-mode peak memory."""
+    runs = [OurSteps(mode, shape, rows) for mode in modes]
+    records = [new_record(mode) for mode in modes]
+    for k in range(runs[0].steps):
+        order = list(range(len(runs)))
+        order = order[k % len(order):] + order[: k % len(order)]
+        for i in order:
+            add_step(records[i], k, runs[i].step(k))
+    for record in records:
+        record["positions"] = statistics.mean(record["positions"])
+    return records
 
 
 def measure_trl(shape: Shape, rows: list[dict]) -> dict:
@@ -382,7 +419,7 @@ def summarize(results: dict[str, list[dict]], modes: list[str], batch: int) -> l
             " / ".join(f"{t:,.0f}" for t in tokens_per_s),
             f"{positions:,.0f}" if positions else "-",
             f"{runs[0]['first_loss']:.6f}" if runs[0]["first_loss"] is not None else "-",
-            " / ".join(gib(r["peak"]) for r in runs),
+            " / ".join(gib(r["peak"]) if r["peak"] is not None else "-" for r in runs),
             " / ".join(f"{x:.2f}x" for x in ratios),
         ]) + " |")
     ours = rates.get("packed+prefix")
@@ -403,6 +440,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--no-trl", action="store_true", help="skip TRL even when it is installed")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: the shape's)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="our modes in one process, step by step in turn (robust ratios on a shared machine; no "
+                             "per-mode peak memory; TRL, if any, still in its own process)")
     parser.add_argument("--in-process", action="store_true",
                         help="run every mode in this process (a quick check: peak memory is then the process's)")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
@@ -419,6 +459,8 @@ def main(argv: list[str] | None = None) -> None:
                  "(--shape cpu runs on the CPU)")
     if args.pairs < 2 * shape.batch:
         sys.exit(f"--pairs must be at least two batches ({2 * shape.batch}): the first step is not timed")
+    if shape.device == "cpu" and (args.interleave or args.in_process):
+        torch.set_num_threads(shape.threads)
     modes = [m for m in args.modes if m != "trl" or (trl_available() and not args.no_trl)]
     rows = make_rows(shape, args.pairs, args.seed)
     lengths = [(len(r["prompt_ids"]), len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows]
@@ -432,6 +474,13 @@ def main(argv: list[str] | None = None) -> None:
     failures: dict[str, str] = {}
     for round_ in range(args.repeats):
         order = modes[round_ % len(modes):] + modes[: round_ % len(modes)]  # alternate who goes first
+        if args.interleave:
+            ours = [m for m in order if m != "trl"]
+            for result in measure_interleaved(ours, shape, rows):
+                results[result["mode"]].append(result)
+                print(f"# round {round_ + 1}, {result['mode']}: {statistics.median(result['times']):.3f} s/step",
+                      flush=True)
+            order = [m for m in order if m == "trl"]
         for mode in order:
             if mode in failures:
                 continue
