@@ -16,7 +16,9 @@ most 1024 tokens, sigma 0.8, seeded; the ``cpu`` shape scales every length by 1/
 same pairs in the same order: ``--pairs`` of them, ``--batch`` a step, the first step untimed.
 
 Modes, each in its own process (so each peak memory is its own), alternated over ``--repeats`` rounds
-(the machine may be shared: ratios are taken within a round):
+(the machine may be shared: ratios are taken within a round); with ``--interleave`` our three modes run in one
+process instead, step k of each before step k + 1 of any, so that a load which comes and goes hits them alike
+(the figures to quote on a shared machine; no per-mode peak memory then):
 
 * ``padded``: today's batches, 2B rows (prompt + chosen, prompt + rejected), each padded to the longest;
 * ``packed``: the 2B sequences packed into rows without padding between them, each prompt still twice;
@@ -219,7 +221,7 @@ class OurSteps:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         sync(device)
-        return time.perf_counter() - start, real_tokens(chunk), batch["input_ids"].numel(), float(loss)
+        return time.perf_counter() - start, real_tokens(chunk), batch["input_ids"].numel(), float(loss.detach())
 
 
 def new_record(mode: str) -> dict:
@@ -367,12 +369,6 @@ def run_child(mode: str, args) -> dict | str:
     return f"failed: {tail[:200]}"
 
 
-def run_in_process(mode: str, args) -> dict:
-    shape = SHAPES[args.shape]
-    rows = make_rows(shape, args.pairs, args.seed)
-    return measure_trl(shape, rows) if mode == "trl" else measure_ours(mode, shape, rows)
-
-
 def trl_available() -> bool:
     try:
         import trl  # noqa: F401
@@ -443,10 +439,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--interleave", action="store_true",
                         help="our modes in one process, step by step in turn (robust ratios on a shared machine; no "
                              "per-mode peak memory; TRL, if any, still in its own process)")
-    parser.add_argument("--in-process", action="store_true",
-                        help="run every mode in this process (a quick check: peak memory is then the process's)")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would bury the table
     if args.threads:
         SHAPES[args.shape] = replace(SHAPES[args.shape], threads=args.threads)
     shape = SHAPES[args.shape]
@@ -459,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
                  "(--shape cpu runs on the CPU)")
     if args.pairs < 2 * shape.batch:
         sys.exit(f"--pairs must be at least two batches ({2 * shape.batch}): the first step is not timed")
-    if shape.device == "cpu" and (args.interleave or args.in_process):
+    if shape.device == "cpu" and args.interleave:
         torch.set_num_threads(shape.threads)
     modes = [m for m in args.modes if m != "trl" or (trl_available() and not args.no_trl)]
     rows = make_rows(shape, args.pairs, args.seed)
@@ -484,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
         for mode in order:
             if mode in failures:
                 continue
-            result = run_in_process(mode, args) if args.in_process else run_child(mode, args)
+            result = run_child(mode, args)
             if isinstance(result, str):
                 failures[mode] = result
                 print(f"# {mode}: {result}", flush=True)

@@ -69,7 +69,7 @@ def test_long_line_bench_prepares_a_long_line_and_counts_it_truncated():
 
 @pytest.mark.slow
 def test_throughput_bench_runs_every_mode_on_the_same_pairs_and_closes_with_the_ratio_line():
-    out = run_bench("throughput.py", "--shape", "tiny", "--repeats", "1", "--in-process", "--no-trl")
+    out = run_bench("throughput.py", "--shape", "tiny", "--repeats", "1", "--interleave", "--no-trl")
     rows = table_rows(out)
     first_losses = set()
     for mode in ("padded", "packed", "packed+prefix"):
