@@ -297,6 +297,12 @@ class TrainConfig(_Section):
     packing: Literal["auto", "on", "off"] = "auto"
     max_batch_tokens: int | None = Field(None, ge=1)
 
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _packing_switch(cls, value: Any) -> Any:
+        # YAML reads a bare on/off (and yes/no, true/false) as a boolean.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
 
 # ------------------------------------------------------------------------------------------ reference
 

@@ -47,6 +47,12 @@ def test_recipe_is_frozen():
         recipe.train.lr = 1.0  # type: ignore[misc]
 
 
+def test_packing_written_as_a_bare_yaml_on_or_off():
+    assert recipe_from_dict({**MINIMAL, **safe_yaml("train: {packing: off}", "r.yaml")}).train.packing == "off"
+    assert recipe_from_dict({**MINIMAL, "train": {"packing": True}}).train.packing == "on"
+    assert recipe_from_dict(MINIMAL).train.packing == "auto"
+
+
 def test_loss_defaults_to_dpo():
     assert recipe_from_dict(with_(loss={"beta": 0.5})).loss.name == "dpo"
 
