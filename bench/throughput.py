@@ -56,6 +56,8 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, replace  # noqa: E402
 
+os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would bury the table (read when tqdm is imported)
+
 import torch  # noqa: E402
 
 MODES = ("padded", "packed", "packed+prefix", "trl")
@@ -441,7 +443,6 @@ def main(argv: list[str] | None = None) -> None:
                              "per-mode peak memory; TRL, if any, still in its own process)")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would bury the table
     if args.threads:
         SHAPES[args.shape] = replace(SHAPES[args.shape], threads=args.threads)
     shape = SHAPES[args.shape]
