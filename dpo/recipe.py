@@ -270,6 +270,14 @@ class TrainConfig(_Section):
     Checkpoints (``output.dir/checkpoints``) are written every ``save_every`` steps (null: only at the end
     and on SIGINT/SIGTERM), the ``keep_last`` newest kept. A step whose loss or gradient norm is not finite
     is skipped; ``max_bad_steps`` such steps in a row stop the run.
+
+    ``packing`` lays each pair out once as ``[prompt | chosen | rejected]`` and packs a micro-batch's pairs into
+    rows without padding between them (``auto``: where the model's attention can take that mask, else padded
+    batches with a log line saying why; ``on``: an error where it cannot; ``off``: padded batches). It changes
+    how the same numbers are computed, not which: the micro-batches, log-probs and losses are the padded path's
+    up to float rounding. ``max_batch_tokens`` is the most tokens of one packed row (null: on CPU rows of one to
+    two times the micro-batch's longest pair, whichever needs the fewest positions; on CUDA the whole micro-batch
+    in one row).
     """
 
     seed: int = 0
@@ -292,6 +300,14 @@ class TrainConfig(_Section):
     max_bad_steps: int = Field(5, ge=1)
     logprob_impl: Literal["auto", "torch", "triton"] = "auto"
     logprob_chunk_size: int | None = Field(None, ge=1)
+    packing: Literal["auto", "on", "off"] = "auto"
+    max_batch_tokens: int | None = Field(None, ge=1)
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _packing_switch(cls, value: Any) -> Any:
+        # YAML reads a bare on/off (and yes/no, true/false) as a boolean.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 # ------------------------------------------------------------------------------------------ reference

@@ -18,21 +18,26 @@ __all__ = ["Crash", "build_tokenizer", "build_tiny_model", "crash_at_micro_batch
 
 
 def build_tiny_model(directory: str | Path, arch: str = "llama", *, vocab_size: int | None = None,
-                     hidden_size: int = 32, seed: int = 0) -> Path:
+                     hidden_size: int = 32, seed: int = 0, sliding_window: int | None = None) -> Path:
     """Save a tiny random model of the given architecture plus the test tokenizer to ``directory``.
 
     Args:
         directory: where to write (created).
-        arch: "llama", "qwen2" (attention biases) or "gemma2" (final-logit softcap, tied head).
+        arch: "llama", "qwen2" (attention biases), "mistral" (a sliding window on every layer, 4096 unless
+            ``sliding_window`` says) or "gemma2" (final-logit and attention softcaps, tied head, sliding-window
+            layers of 16 tokens, or ``sliding_window``, between full ones).
         vocab_size: defaults to the tokenizer's size.
         hidden_size: width of the tiny model.
         seed: weight initialisation seed.
+        sliding_window: the window of mistral's and gemma2's sliding-window layers.
     """
     from transformers import (
         Gemma2Config,
         Gemma2ForCausalLM,
         LlamaConfig,
         LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
     )
@@ -47,9 +52,12 @@ def build_tiny_model(directory: str | Path, arch: str = "llama", *, vocab_size: 
         config, cls = LlamaConfig(tie_word_embeddings=False, **common), LlamaForCausalLM
     elif arch == "qwen2":
         config, cls = Qwen2Config(tie_word_embeddings=False, **common), Qwen2ForCausalLM
+    elif arch == "mistral":
+        config = MistralConfig(sliding_window=sliding_window or 4096, tie_word_embeddings=False, **common)
+        cls = MistralForCausalLM
     elif arch == "gemma2":
         config = Gemma2Config(head_dim=hidden_size // 4, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
-                              sliding_window=16, tie_word_embeddings=True, **common)
+                              sliding_window=sliding_window or 16, tie_word_embeddings=True, **common)
         cls = Gemma2ForCausalLM
     else:
         raise ValueError(f"unknown arch {arch!r}")

@@ -71,3 +71,18 @@ def test_online_memory_bench_prints_the_8b_ppo_recipe_plan():
     out = run_bench("online_memory.py")
     assert "# memory of the online step (estimated peak on a CUDA device, 4-bit base, LoRA r=16)" in out
     assert "reference adapter (frozen)" in out and "fits:" in out and "of 24.00 GiB (model.max_memory_gb)" in out
+
+
+@pytest.mark.slow
+def test_throughput_bench_runs_every_mode_on_the_same_pairs_and_closes_with_the_ratio_line():
+    out = run_bench("throughput.py", "--shape", "tiny", "--repeats", "1", "--interleave", "--no-trl")
+    rows = table_rows(out)
+    first_losses = set()
+    for mode in ("padded", "packed", "packed+prefix"):
+        seconds, pairs_per_s, tokens_per_s, positions, first_loss, _peak, ratio = rows[mode]
+        assert float(seconds) > 0 and float(pairs_per_s) > 0 and float(tokens_per_s.replace(",", "")) > 0
+        first_losses.add(first_loss)
+    assert len(first_losses) == 1  # the same pairs, the same first step
+    positions = {mode: float(rows[mode][3].replace(",", "")) for mode in ("padded", "packed", "packed+prefix")}
+    assert positions["packed+prefix"] < positions["packed"] < positions["padded"]
+    assert re.fullmatch(r"packed\+prefix vs padded: \d+\.\d\dx pairs/s; vs TRL: n/a", out.strip().splitlines()[-1])

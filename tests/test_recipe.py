@@ -47,6 +47,12 @@ def test_recipe_is_frozen():
         recipe.train.lr = 1.0  # type: ignore[misc]
 
 
+def test_packing_written_as_a_bare_yaml_on_or_off():
+    assert recipe_from_dict({**MINIMAL, **safe_yaml("train: {packing: off}", "r.yaml")}).train.packing == "off"
+    assert recipe_from_dict({**MINIMAL, "train": {"packing": True}}).train.packing == "on"
+    assert recipe_from_dict(MINIMAL).train.packing == "auto"
+
+
 def test_loss_defaults_to_dpo():
     assert recipe_from_dict(with_(loss={"beta": 0.5})).loss.name == "dpo"
 
@@ -59,6 +65,8 @@ def test_loss_defaults_to_dpo():
         (with_(train={"lr": "fast"}), "train.lr", "valid number"),
         (with_(train={"lr": -1}), "train.lr", "greater than 0"),
         (with_(train={"batch_size": 0}), "train.batch_size", "greater than or equal to 1"),
+        (with_(train={"packing": "yes"}), "train.packing", "'auto', 'on' or 'off'"),
+        (with_(train={"max_batch_tokens": 0}), "train.max_batch_tokens", "greater than or equal to 1"),
         (with_(data={"truncation": "middle"}), "data.truncation", "'keep_end' or 'keep_start'"),
         (with_(loss={"name": "ipo", "label_smoothing": 0.1}), "loss.label_smoothing", "it takes: beta, nll_weight"),
         (with_(loss={"name": "robust", "label_smoothing": 0.5}), "loss.label_smoothing", "less than 0.5"),

@@ -56,7 +56,8 @@ def pad_sequences(sequences: list[tuple[list[int], list[int]]], pad_token_id: in
     """Right-pad ``(prompt, completion)`` sequences to the longest one.
 
     Returns:
-        ``input_ids``, ``attention_mask`` and ``labels``, each [N, T] long, N = ``len(sequences)``.
+        ``input_ids``, ``attention_mask`` and ``labels``, each [N, T] long, N = ``len(sequences)``, and
+        ``sequence_lengths`` [N] (prompt + completion tokens of each).
     """
     width = max(len(p) + len(c) for p, c in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
@@ -68,7 +69,8 @@ def pad_sequences(sequences: list[tuple[list[int], list[int]]], pad_token_id: in
         input_ids[i, len(prompt) : end] = torch.tensor(completion, dtype=torch.long)
         attention_mask[i, :end] = 1
         labels[i, len(prompt) : end] = torch.tensor(completion, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "sequence_lengths": attention_mask.sum(dim=1)}
 
 
 def collate_completions(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -3,7 +3,7 @@
 Takes the recipe's ``model`` and ``lora`` sections (and token ids). Hands on the policy (a causal LM with a
 fresh LoRA adapter, :func:`add_lora` on :func:`load_base_model`), its per-sequence log-probs through the
 fused kernels (:class:`SequenceLogprobs`, the module whose forward the training step, evaluation and the
-reference precompute call), the memory plan of a recipe (:mod:`dpo.model.memory`), merging an adapter
+reference precompute call, on padded or packed prefix-shared batches: :mod:`dpo.model.packing`), the memory plan of a recipe (:mod:`dpo.model.memory`), merging an adapter
 into its base (:mod:`dpo.model.merge`) and sampling completions (:mod:`dpo.model.generate`).
 """
 
@@ -32,17 +32,20 @@ from dpo.model.logprobs import (
     LogprobSettings,
     SequenceLogprobs,
     final_logit_softcap,
+    packed_sequence_logprobs,
     sequence_logprobs,
     trunk,
 )
 from dpo.model.memory import memory_report
 from dpo.model.merge import MergeError, MergeReport, merge_run
+from dpo.model.packing import PackedAttention, plan_packing, resolve_packing
 
 __all__ = [
     "LogprobSettings",
     "MergeError",
     "MergeReport",
     "ModelError",
+    "PackedAttention",
     "Samples",
     "SamplingSettings",
     "SequenceLogprobs",
@@ -60,7 +63,10 @@ __all__ = [
     "load_tokenizer",
     "memory_report",
     "merge_run",
+    "packed_sequence_logprobs",
+    "plan_packing",
     "quantization_config",
+    "resolve_packing",
     "sample_completions",
     "sequence_logprobs",
     "torch_dtype",

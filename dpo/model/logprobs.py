@@ -3,7 +3,9 @@
 The forward never builds ``[tokens, vocab]`` logits: the trunk returns final hidden states, and
 :func:`dpo.kernels.token_logprobs` turns the hidden states at completion positions plus the LM head's
 weight into log-probs of the targets. :class:`SequenceLogprobs` is that computation as an ``nn.Module``
-whose ``forward(batch)`` the training step, evaluation and the reference precompute call.
+whose ``forward(batch)`` the training step, evaluation and the reference precompute call, on padded batches
+(:func:`sequence_logprobs`) or packed, prefix-shared ones (:func:`packed_sequence_logprobs`, see
+:mod:`dpo.model.packing`).
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dpo.data.pack import is_packed, unpack_to_padded
 from dpo.kernels import token_logprobs
 from dpo.model.load import causal_lm
+from dpo.model.packing import PackedAttention, packed_hidden_states
 
 IGNORE_INDEX = -100
 
@@ -80,6 +84,45 @@ def sequence_logprobs(
     return sums, selected.sum(dim=1)
 
 
+def packed_sequence_logprobs(
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    attention: PackedAttention,
+    settings: LogprobSettings = LogprobSettings(),
+) -> tuple[Tensor, Tensor]:
+    """Summed log-probs of each sequence of a packed batch (:mod:`dpo.data.pack`), the padded path's function.
+
+    The trunk runs once over the packed rows; the hidden states at ``target_sources`` (the last prompt token
+    predicts the first token of both sides) go to the kernel with ``target_ids``, and each result is added to
+    its sequence ``target_sequences``. No ``[tokens, vocab]`` logits are built.
+
+    Args:
+        model: the policy (peft-wrapped or plain causal LM).
+        batch: a packed batch: ``input_ids``, ``position_ids``, ``segment_ids``, ``branch_ids`` [R, W];
+            ``target_ids``, ``target_sources``, ``target_sequences`` [N]; ``sequence_lengths`` [S].
+        attention: how the model takes the packed mask (:func:`dpo.model.packing.plan_packing`).
+        settings: kernel choice and chunking.
+
+    Returns:
+        ``(logps [S] float32, token_counts [S] int64)``, sequences numbered as the padded layout's rows.
+    """
+    hidden = packed_hidden_states(model, batch, attention)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    head = causal_lm(model).get_output_embeddings()
+    per_token = token_logprobs(
+        flat.index_select(0, batch["target_sources"]),
+        head.weight,
+        batch["target_ids"],
+        softcap=final_logit_softcap(model),
+        impl=settings.impl,
+        chunk_size=settings.chunk_size,
+    )
+    owners = batch["target_sequences"]
+    count = batch["sequence_lengths"].shape[0]
+    sums = torch.zeros(count, dtype=torch.float32, device=owners.device).index_add(0, owners, per_token)
+    return sums, torch.bincount(owners, minlength=count)
+
+
 class SequenceLogprobs(nn.Module):
     """The log-prob path as one module: ``forward(batch) -> (logps [R] float32, token_counts [R] int64)``.
 
@@ -93,25 +136,36 @@ class SequenceLogprobs(nn.Module):
     prefix ``model.``; optimizer state and checkpoints name them by the wrapped model's own
     ``named_parameters()``. ``train()`` / ``eval()`` set the wrapped model's mode too.
 
+    A packed batch runs through the packed path when ``packing`` says how the model takes it; a network
+    that cannot (``packing`` None) gets the same sequences re-laid as a padded batch.
+
     Args:
         model: the policy (peft-wrapped or plain causal LM), or a reference network.
         settings: kernel choice and chunking.
+        packing: how the model takes packed batches (:func:`dpo.model.packing.resolve_packing`), or None.
     """
 
-    def __init__(self, model: nn.Module, settings: LogprobSettings = LogprobSettings()):
+    def __init__(self, model: nn.Module, settings: LogprobSettings = LogprobSettings(),
+                 packing: PackedAttention | None = None):
         super().__init__()
         self.model = model
         self.settings = settings
+        self.packing = packing
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Summed log-probs of each row's labelled tokens, and how many there are.
 
         Args:
-            batch: ``input_ids [R, T]``, ``attention_mask [R, T]`` (1 on real tokens) and ``labels [R, T]``
-                (the token id on completion positions, -100 elsewhere); other keys are ignored.
+            batch: padded: ``input_ids [R, T]``, ``attention_mask [R, T]`` (1 on real tokens) and ``labels [R, T]``
+                (the token id on completion positions, -100 elsewhere); or packed (see
+                :func:`packed_sequence_logprobs`). Other keys are ignored.
 
         Returns:
-            ``(logps [R] float32, token_counts [R] int64)``.
+            ``(logps [R] float32, token_counts [R] int64)``, one per sequence.
         """
+        if is_packed(batch):
+            if self.packing is not None:
+                return packed_sequence_logprobs(self.model, batch, self.packing, self.settings)
+            batch = unpack_to_padded(batch)
         return sequence_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
                                  self.settings)

@@ -334,6 +334,7 @@ class Rollouts:
                     elif key in TOKEN_KEYS and value.dim() == 2:
                         value = value[:, :tokens]
                     batch[key] = value
+                batch["sequence_lengths"] = batch["attention_mask"].sum(dim=1)  # real tokens, for tokens/s
                 batches.append(batch)
         return batches
 

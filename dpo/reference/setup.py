@@ -18,7 +18,9 @@ Not in it: the learning rate, beta, the loss, LoRA settings, the output folder, 
 implementation (``train.logprob_impl``/``logprob_chunk_size``: torch and Triton compute the same function
 and differ only by rounding). One exception: the eval split's key holds ``reference.batch_size``, because
 evaluation batches held-out rows exactly as their precompute did, which is what makes an untrained policy
-reproduce the reference bit for bit; the eval split is small, so recomputing it is cheap.
+reproduce the reference bit for bit; the eval split is small, so recomputing it is cheap. For the same
+reason a packed run's eval key also holds how its rows are packed (``train.max_batch_tokens``); the train key
+does not depend on packing at all (packed and padded batches compute the same values).
 """
 
 from __future__ import annotations
@@ -28,15 +30,23 @@ import os
 import random
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from dpo.data import PreparedData, collate_paired, collate_unpaired, prepare_data
-from dpo.model import LogprobSettings, ModelError, SequenceLogprobs, add_lora, load_base_model, load_tokenizer
+from dpo.data import PreparedData, choose_collate, prepare_data
+from dpo.model import (
+    LogprobSettings,
+    ModelError,
+    PackedAttention,
+    SequenceLogprobs,
+    add_lora,
+    load_base_model,
+    load_tokenizer,
+    resolve_packing,
+)
 from dpo.recipe import Recipe
 from dpo.reference.compute import (
     LogpFn,
@@ -113,25 +123,39 @@ def reference_keys(recipe: Recipe, data: PreparedData, index: HashIndex | None =
     network = network_parts(recipe, index if index is not None else HashIndex(None))
     train = {**network, "data": data.train_fingerprint}
     evaluation = {**network, "data": data.eval_fingerprint, "eval_batch_size": recipe.reference.batch_size}
+    if recipe.train.packing != "off":  # evaluation packs rows exactly as the precompute did
+        evaluation["eval_packed_rows"] = {"max_batch_tokens": recipe.train.max_batch_tokens}
     return {"train": (digest_of(train), train), "eval": (digest_of(evaluation), evaluation)}
 
 
 @contextmanager
-def open_reference(recipe: Recipe, settings: LogprobSettings, device, policy=None) -> Iterator[LogpFn]:
+def open_reference(recipe: Recipe, settings: LogprobSettings, device, policy=None, log: Log = print,
+                   policy_packing: PackedAttention | None = None) -> Iterator[LogpFn]:
     """A ``logp_fn`` running the reference network; whatever it had to load is freed on exit.
 
     The network runs through :class:`dpo.model.SequenceLogprobs`, the training step's own forward. Without
     ``reference.model_path`` or ``reference.adapter`` the reference is the policy's base with its adapter
-    disabled: ``policy`` when given, else one built here the way the trainer builds it (the same numbers
-    either way).
+    disabled: ``policy`` when given (taking packed batches as ``policy_packing`` says), else one built here the
+    way the trainer builds it (the same numbers either way). A network loaded here gets its own packing check
+    (``train.packing``), logged.
     """
     reference = recipe.reference
     holder: dict[str, Any] = {}  # the only strong reference to the network, cleared on exit
+
+    def packing_of(network) -> PackedAttention | None:
+        return resolve_packing(recipe.train.packing, network, recipe.data.max_length, device, log,
+                               what="the reference")
+
     try:
         if reference.model_path is None and reference.adapter is None:
-            holder["logprobs"] = SequenceLogprobs(policy if policy is not None else add_lora(
-                load_base_model(recipe.model, device=device), recipe.lora, recipe.model.gradient_checkpointing),
-                settings)
+            if policy is None:
+                network = add_lora(load_base_model(recipe.model, device=device), recipe.lora,
+                                   recipe.model.gradient_checkpointing)
+                packing = packing_of(network)
+            else:
+                network, packing = policy, policy_packing
+            holder["logprobs"] = SequenceLogprobs(network, settings, packing)
+            del network
             was_training = holder["logprobs"].model.training
             holder["logprobs"].eval()
 
@@ -144,7 +168,9 @@ def open_reference(recipe: Recipe, settings: LogprobSettings, device, policy=Non
             finally:
                 holder["logprobs"].train(was_training)
             return
-        holder["logprobs"] = SequenceLogprobs(load_reference_network(recipe, device), settings)
+        network = load_reference_network(recipe, device)
+        holder["logprobs"] = SequenceLogprobs(network, settings, packing_of(network))
+        del network
 
         def logp_fn(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
             return holder["logprobs"](batch)
@@ -178,7 +204,8 @@ def _empty() -> ReferenceLogps:
 
 
 def reference_logps(recipe: Recipe, data: PreparedData, collate: Collate, settings: LogprobSettings, device,
-                    log: Log, policy=None, checkpoint_every_s: float = 60.0) -> tuple[ReferenceLogps, ReferenceLogps]:
+                    log: Log, policy=None, checkpoint_every_s: float = 60.0,
+                    policy_packing: PackedAttention | None = None) -> tuple[ReferenceLogps, ReferenceLogps]:
     """Reference log-probs of both splits through the cache: read on a hit, computed and written on a miss.
 
     Nothing is loaded or run for the reference when both splits hit (unless ``reference.verify`` asks for
@@ -188,12 +215,13 @@ def reference_logps(recipe: Recipe, data: PreparedData, collate: Collate, settin
     Args:
         recipe: the run's recipe (model, reference and cache settings).
         data: the tokenized splits and their fingerprints.
-        collate: rows -> ``2B``-row batch.
+        collate: rows -> batch of ``2B`` sequences (padded or packed: :func:`dpo.data.choose_collate`).
         settings: log-prob kernel settings.
         device: where the reference runs.
         log: where messages go.
         policy: the peft policy, whose base (adapter disabled) is the default reference; None loads it on a miss.
         checkpoint_every_s: seconds between progress saves of a precompute.
+        policy_packing: how ``policy`` takes packed batches (None: it does not).
 
     Returns:
         ``(train, eval)`` reference values, on the CPU.
@@ -218,7 +246,7 @@ def reference_logps(recipe: Recipe, data: PreparedData, collate: Collate, settin
             if results[split] is not None:
                 missing.remove(split)
         if missing or verify:
-            with open_reference(recipe, settings, device, policy) as logp_fn:
+            with open_reference(recipe, settings, device, policy, log, policy_packing) as logp_fn:
                 for split in missing:
                     fingerprint, parts = keys[split]
                     results[split] = compute_and_store(store, fingerprint, parts, splits[split], collate, logp_fn,
@@ -273,8 +301,9 @@ def precompute_references(recipe: Recipe, log: Log = print) -> dict[str, Path]:
         return {}
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe.data, tokenizer, unpaired=not spec.paired, seed=recipe.train.seed, log=log)
-    collate = partial(collate_paired if spec.paired else collate_unpaired, pad_token_id=tokenizer.pad_token_id)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    collate = choose_collate(spec.paired, tokenizer.pad_token_id, recipe.train.packing, recipe.train.max_batch_tokens,
+                             device)
     settings = LogprobSettings(recipe.train.logprob_impl, recipe.train.logprob_chunk_size)
     reference_logps(recipe, data, collate, settings, device, log)
     store = reference_store(recipe)

@@ -5,7 +5,8 @@ with ``num_labels=1``). LoRA adapts the trunk; the head (``score``) is new and t
 ``modules_to_save``, so the saved adapter holds both. The reward of a sequence is the head applied to the
 trunk's final hidden state at the sequence's last real token (the completion's EOS). That position is read
 from the attention mask, not from the pad id, because a tokenizer whose pad token is its EOS would otherwise
-score the token before the EOS.
+score the token before the EOS. In a packed batch (``train.packing``, :mod:`dpo.data.pack`) a pair is one
+segment ``[prompt | chosen | rejected]`` and each reward is read at the last token of its branch.
 """
 
 from __future__ import annotations
@@ -14,22 +15,24 @@ import math
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpo.data import collate_paired, prepare_data
+from dpo.data import choose_collate, is_packed, prepare_data, unpack_to_padded
 from dpo.losses import LossOutput
 from dpo.model import (
     ModelError,
+    PackedAttention,
     enable_checkpointing,
     from_pretrained_kwargs,
     keep_4bit_layout_trainable,
+    resolve_packing,
     trunk,
 )
+from dpo.model.packing import packed_hidden_states
 from dpo.recipe import LoraConfig, ModelConfig, Recipe, RecipeError, load_recipe
 
 HEAD = "score"  # the name transformers gives the one-output head of every *ForSequenceClassification
@@ -195,9 +198,33 @@ def bradley_terry_loss(chosen: Tensor, rejected: Tensor, margin: Tensor | None =
     return LossOutput(losses, metrics)
 
 
-def pair_rewards(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """``(chosen [B], rejected [B])`` rewards of a collated paired batch (rows ``0..B-1`` chosen)."""
-    rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
+def packed_sequence_rewards(model: nn.Module, batch: dict[str, Tensor], packing: PackedAttention) -> Tensor:
+    """One scalar reward per sequence of a packed batch: the head on the hidden state of its last token.
+
+    Args:
+        model: a reward model (peft-wrapped or plain ``*ForSequenceClassification``).
+        batch: a packed batch (:mod:`dpo.data.pack`); ``sequence_ends`` [S] are the flat positions read.
+        packing: how the model takes packed batches.
+
+    Returns:
+        ``[S]`` float32 rewards, sequences numbered as the padded layout's rows.
+    """
+    hidden = packed_hidden_states(model, batch, packing)
+    final = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["sequence_ends"])
+    return score_head(model)(final).squeeze(-1).float()
+
+
+def pair_rewards(model: nn.Module, batch: dict[str, Tensor],
+                 packing: PackedAttention | None = None) -> tuple[Tensor, Tensor]:
+    """``(chosen [B], rejected [B])`` rewards of a collated paired batch (sequences ``0..B-1`` chosen).
+
+    A packed batch runs packed when ``packing`` says how the model takes it, else re-laid as a padded one.
+    """
+    if is_packed(batch) and packing is not None:
+        rewards = packed_sequence_rewards(model, batch, packing)
+    else:
+        padded = unpack_to_padded(batch) if is_packed(batch) else batch
+        rewards = sequence_rewards(model, padded["input_ids"], padded["attention_mask"])
     b = batch["index"].shape[0]
     return rewards[:b], rewards[b:]
 
@@ -222,17 +249,19 @@ def reward_parts(recipe: Recipe, device, log: Callable[[str], None]) -> RewardPa
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe.data, tokenizer, unpaired=False, seed=recipe.train.seed, log=log,
                         margin_column=recipe.reward.margin_column)
-    collate = partial(collate_paired, pad_token_id=tokenizer.pad_token_id)
+    train = recipe.train
+    collate = choose_collate(True, tokenizer.pad_token_id, train.packing, train.max_batch_tokens, device)
     base = load_reward_base(recipe.model, device=device)
     base.config.pad_token_id = tokenizer.pad_token_id
     model = add_reward_lora(base, recipe.lora, recipe.model.gradient_checkpointing, recipe.model.adapter)
     trunk_adapter = (f"the trunk's LoRA started from {recipe.model.adapter}" if recipe.model.adapter
                      else f"LoRA r={recipe.lora.r} on the trunk")
     log(f"reward model: {recipe.model.path} with a new one-output '{HEAD}' head (trained in full) and {trunk_adapter}")
+    packing = resolve_packing(train.packing, model, recipe.data.max_length, device, log, what="the reward model")
     center_weight = recipe.reward.center_weight
 
     def loss_fn(model, batch, split):
-        chosen, rejected = pair_rewards(model, batch)
+        chosen, rejected = pair_rewards(model, batch, packing)
         return bradley_terry_loss(chosen, rejected, batch.get("margin"), center_weight)
 
     fingerprints = {"data.train": data.train_fingerprint, "data.eval": data.eval_fingerprint}

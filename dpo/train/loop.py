@@ -389,7 +389,7 @@ def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume:
                                 optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 window.add({"loss": out.losses, **out.metrics})
-                tokens += int(batch["attention_mask"].sum())
+                tokens += int(batch["sequence_lengths"].sum())
                 if not accelerator.sync_gradients:
                     continue
                 loop.step += 1

@@ -24,10 +24,18 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from dpo.data import collate_paired, collate_unpaired, kto_balance_warning, prepare_data
+from dpo.data import choose_collate, kto_balance_warning, prepare_data
 from dpo.data.collate import collate_completions
 from dpo.losses import LossOutput, LossSpec, PairedLogps, UnpairedLogps, get_loss
-from dpo.model import LogprobSettings, SequenceLogprobs, add_lora, load_base_model, load_tokenizer
+from dpo.model import (
+    LogprobSettings,
+    PackedAttention,
+    SequenceLogprobs,
+    add_lora,
+    load_base_model,
+    load_tokenizer,
+    resolve_packing,
+)
 from dpo.recipe import Recipe
 from dpo.reference import ReferenceLogps
 from dpo.reference import reference_logps as cached_reference_logps
@@ -190,14 +198,16 @@ def preference_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
                                       options["desirable_weight"], options["undesirable_weight"])
         if warning:
             log(f"warning: {warning}")
-    collate = partial(collate_paired if spec.paired else collate_unpaired, pad_token_id=tokenizer.pad_token_id)
+    collate = choose_collate(spec.paired, tokenizer.pad_token_id, cfg.packing, cfg.max_batch_tokens, device)
     base = load_base_model(recipe.model, device=device)
     policy = add_lora(base, recipe.lora, recipe.model.gradient_checkpointing, recipe.model.adapter)
     settings = LogprobSettings(cfg.logprob_impl, cfg.logprob_chunk_size)
+    packing = resolve_packing(cfg.packing, policy, recipe.data.max_length, device, log)
     # Reference log-probs, once, before any training step; the step only looks them up.
     reference_train = reference_eval = None
     if spec.needs_reference:
-        reference_train, reference_eval = compute_references(recipe, policy, data, collate, settings, device, log)
+        reference_train, reference_eval = compute_references(recipe, policy, data, collate, settings, device, log,
+                                                             packing)
 
     references = {"train": reference_train, "eval": reference_eval}
     fingerprints = {"data.train": data.train_fingerprint, "data.eval": data.eval_fingerprint}
@@ -211,9 +221,9 @@ def preference_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
 
     headline = (("rewards/accuracies", "held-out preference accuracy") if spec.paired
                 else ("rewards/gap", "held-out reward gap, desirable minus undesirable"))
-    return TrainSetup(policy, SequenceLogprobs(policy, settings), tokenizer, data.train, data.eval, collate, loss_fn,
-                      headline, drop_last=not spec.paired, fingerprints=fingerprints, batch_size=cfg.batch_size,
-                      seed=cfg.seed)
+    return TrainSetup(policy, SequenceLogprobs(policy, settings, packing), tokenizer, data.train, data.eval, collate,
+                      loss_fn, headline, drop_last=not spec.paired, fingerprints=fingerprints,
+                      batch_size=cfg.batch_size, seed=cfg.seed)
 
 
 def reward_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
@@ -320,9 +330,11 @@ def batch_loss(logprobs: SequenceLogprobs, batch: dict[str, Tensor], spec: LossS
     return spec.compute(policy_logps, reference_logps, options)
 
 
-def compute_references(recipe: Recipe, policy, data, collate, settings: LogprobSettings,
-                       device, log: Log) -> tuple[ReferenceLogps, ReferenceLogps]:
+def compute_references(recipe: Recipe, policy, data, collate, settings: LogprobSettings, device, log: Log,
+                       packing: PackedAttention | None = None) -> tuple[ReferenceLogps, ReferenceLogps]:
     """Reference log-probs for both splits through the on-disk cache (``dpo.reference.setup``): read on a
     hit, without loading or running anything; computed on a miss by a separate model if the recipe names
-    one (loaded only meanwhile), else by the policy's base with the adapter disabled."""
-    return cached_reference_logps(recipe, data, collate, settings, device, log, policy=policy)
+    one (loaded only meanwhile), else by the policy's base with the adapter disabled (taking packed batches
+    as the policy does, ``packing``)."""
+    return cached_reference_logps(recipe, data, collate, settings, device, log, policy=policy,
+                                  policy_packing=packing)

@@ -185,6 +185,16 @@ def test_eval_key_holds_the_batch_size_train_key_does_not(tmp_path, assets):
     assert small[0] == large[0] and small[1] != large[1]
 
 
+def test_train_key_is_independent_of_packing_and_the_eval_key_holds_how_rows_are_packed(tmp_path, assets):
+    """Packed and padded batches compute the same values, so the train key ignores packing; evaluation
+    reproduces the precompute bit for bit only with the same rows, so the eval key holds the layout."""
+    cache = tmp_path / "cache"
+    off, auto, on, budget = (keys_of(make_recipe(assets, cache, train=train)) for train in (
+        {"packing": "off"}, {"packing": "auto"}, {"packing": "on"}, {"packing": "on", "max_batch_tokens": 64}))
+    assert off[0] == auto[0] == on[0] == budget[0]
+    assert off[1] != auto[1] and auto[1] == on[1] and on[1] != budget[1]
+
+
 def test_corrupted_cache_file_is_reported_and_recomputed(tmp_path, assets):
     recipe = make_recipe(assets, tmp_path / "cache")
     _, data, collate = prepared(recipe)

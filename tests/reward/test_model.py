@@ -92,6 +92,24 @@ def test_reward_is_the_head_at_the_last_real_token(tmp_path):
     assert batched.tolist() == pytest.approx(reference.tolist(), abs=1e-5)
 
 
+def test_packed_rewards_are_read_at_the_last_token_of_each_branch(tmp_path):
+    from dpo.data import collate_packed_paired, collate_paired
+    from dpo.model import plan_packing
+    from dpo.reward.model import pair_rewards
+
+    model = load_reward_base(ModelConfig(path=str(build_tiny_model(tmp_path / "model")))).eval()
+    plan = plan_packing(model, 64, "cpu")
+    rows = [{"index": 0, "prompt_ids": [1, 10, 11], "chosen_ids": [12, 13, 2], "rejected_ids": [14, 2]},
+            {"index": 1, "prompt_ids": [1], "chosen_ids": [20, 2], "rejected_ids": [21, 22, 23, 2]},
+            {"index": 2, "prompt_ids": [1, 30, 31, 32], "chosen_ids": [2], "rejected_ids": [33, 2]}]
+    with torch.no_grad():
+        padded = pair_rewards(model, collate_paired(rows, 0))
+        packed = pair_rewards(model, collate_packed_paired(rows, 0, row_tokens=10_000), plan)
+        relaid = pair_rewards(model, collate_packed_paired(rows, 0))  # no plan: re-laid as a padded batch
+    for ours, theirs in zip(packed + relaid, padded + padded):
+        assert ours.tolist() == pytest.approx(theirs.tolist(), abs=1e-5)
+
+
 def test_lora_adapts_the_trunk_and_trains_the_head_in_full(tmp_path):
     model = load_reward_base(ModelConfig(path=str(build_tiny_model(tmp_path / "model"))))
     wrapped = add_reward_lora(model, LoraConfig(r=4, alpha=8))

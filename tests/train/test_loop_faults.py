@@ -291,6 +291,14 @@ def test_the_loss_is_float32_with_a_bfloat16_model(tmp_path, assets, monkeypatch
 
     real_batch_loss = train_setup.batch_loss
     monkeypatch.setattr(logprobs, "sequence_logprobs", sequence_logprobs)
+    real_packed = logprobs.packed_sequence_logprobs  # packed batches (train.packing) take this path
+
+    def packed_sequence_logprobs(model, *args):
+        sums, counts = real_packed(model, *args)
+        dtypes.append((next(model.parameters()).dtype, sums.dtype))
+        return sums, counts
+
+    monkeypatch.setattr(logprobs, "packed_sequence_logprobs", packed_sequence_logprobs)
     monkeypatch.setattr(train_setup, "batch_loss", batch_loss)
     main([str(recipe), "--set", "model.dtype=bfloat16"])
     assert (torch.bfloat16, torch.float32) in dtypes  # a bfloat16 model's log-probs come out in float32
