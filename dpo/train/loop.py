@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 
 from dpo.files import WriteFailed
 from dpo.recipe import Recipe, RecipeError, TrainConfig
-from dpo.reference import length_sorted_batches
+from dpo.reference import Processes, length_sorted_batches
 from dpo.train.checkpoint import (
+    CheckpointError,
     LoopState,
     StopSignals,
     TooManyBadSteps,
@@ -35,8 +36,9 @@ from dpo.train.checkpoint import (
     find_checkpoint,
     latest_checkpoint,
     prepare_output_dir,
+    read_checkpoint_state,
     recipe_differences,
-    restore_checkpoint,
+    resume_state,
     rewind_metrics,
     run_differences,
     run_inputs,
@@ -44,8 +46,20 @@ from dpo.train.checkpoint import (
     save_checkpoint,
     version_notes,
 )
+from dpo.train.engine import (
+    broadcast,
+    build_accelerator,
+    describe_engine,
+    engine_name,
+    full_adapter,
+    full_optimizer_state,
+    inner_optimizer,
+    load_full_state,
+    no_grad_module,
+    shards_parameters,
+)
 from dpo.train.metric_log import MetricLog, require_tensorboard
-from dpo.train.parallel import average_gradients, broadcast_parameters, merge_sums, shard
+from dpo.train.parallel import lockstep, merge_sums, shard
 from dpo.train.setup import preference_setup, reward_setup
 
 Log = Callable[[str], None]
@@ -101,6 +115,16 @@ def build_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> tor
     return cls(params, lr=train.lr, weight_decay=train.weight_decay)
 
 
+def grad_norm(value) -> float:
+    """The gradient norm an engine reports as a float: a sharded engine's is a replicated tensor, DeepSpeed's
+    may be missing when it clips nothing (NaN)."""
+    if value is None:
+        return math.nan
+    if hasattr(value, "full_tensor"):
+        value = value.full_tensor()
+    return float(value)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int):
     from transformers import get_scheduler
 
@@ -110,19 +134,24 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_
 
 
 @torch.no_grad()
-def evaluate(model, loader: DataLoader, loss_fn, device, gather: Gather = lambda obj: [obj]) -> dict[str, float]:
+def evaluate(model, loader: DataLoader, loss_fn, device, gather: Gather = lambda obj: [obj],
+             counted: list[bool] | None = None) -> dict[str, float]:
     """Loss and metrics averaged over every example of ``loader`` (``model``, the step module, in eval mode:
     no dropout).
 
     In a multi-process run each process evaluates its share of the batches and ``gather`` (accelerate's
     ``gather_object``) brings every process's sums together, so all of them return the same means.
+    ``counted`` marks, per batch, whether it counts: False on a repeat that only keeps the processes' forwards
+    in step (:func:`dpo.train.parallel.lockstep`).
     """
     was_training = model.training
     model.eval()
     window = MetricWindow()
-    for batch in loader:
+    for position, batch in enumerate(loader):
         batch = {k: v.to(device) for k, v in batch.items()}
         out = loss_fn(model, batch, "eval")
+        if counted is not None and not counted[position]:
+            continue
         window.add({"loss": out.losses, **out.metrics})
     model.train(was_training)
     window = MetricWindow(*merge_sums(gather((window.sums, window.counts))))
@@ -197,18 +226,14 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
         TrainingInterrupted: SIGINT/SIGTERM; the current step was finished and a checkpoint written.
         TooManyBadSteps: ``train.max_bad_steps`` steps in a row were non-finite; the last good checkpoint stays.
 
-    Launched as several processes (``accelerate launch`` or ``torchrun``), each one takes its share of every
-    epoch's micro-batches (see :mod:`dpo.train.parallel`), so a step's batch is ``batch_size * grad_accum``
-    pairs per process; the main process prepares the data and the reference cache first, and alone writes
-    files.
+    Launched as several processes (``accelerate launch`` or ``torchrun``), the step module trains under the
+    engine the launch chose (DDP, FSDP2 or DeepSpeed: :mod:`dpo.train.engine`) and each process takes its
+    share of every epoch's micro-batches (see :mod:`dpo.train.parallel`), so a step's batch is
+    ``batch_size * grad_accum`` pairs per process; each machine's first process tokenizes the data first, the
+    processes share the reference precompute, and the main process alone writes the output directory.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
     require_tensorboard(recipe.output.tensorboard)
-    accelerator = Accelerator(gradient_accumulation_steps=recipe.train.grad_accum,
-                              mixed_precision="fp16" if recipe.train.loss_scaler else "no",
-                              kwargs_handlers=[InitProcessGroupKwargs(timeout=SETUP_TIMEOUT)])
+    accelerator = build_accelerator(recipe, SETUP_TIMEOUT)
     out_dir, run_dir = Path(recipe.output.dir), None
     try:
         # 0. The output directory, checked and locked before anything slow (by the main process, which alone
@@ -244,20 +269,59 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     if not is_main:
         log = _quiet  # the main process says everything once
+    engine = engine_name(accelerator)
+    if world > 1:
+        log(f"engine: {describe_engine(accelerator)}")
+
+    def gather(obj) -> list:
+        return gather_object([obj]) if world > 1 else [obj]
 
     # 0. The checkpoint to resume from (the output directory is ready: see train), checked before anything slow.
+    # The main process reads it and the others get it from there: several machines need not share a disk.
     accelerator.wait_for_everyone()
-    checkpoint = find_checkpoint(out_dir, resume, log) if resume else None
-    if checkpoint is not None:
-        check_resume(recipe_differences(checkpoint.run, recipe_tree), checkpoint, force, log)
+    found = None
+    if is_main and resume:
+        try:
+            found = find_checkpoint(out_dir, resume, log)
+            if found is not None:
+                check_resume(recipe_differences(found.run, recipe_tree), found, force, log)
+        except CheckpointError as exc:
+            found = exc
+    found = broadcast(accelerator, found)
+    if isinstance(found, CheckpointError):
+        raise found
+    checkpoint = found
 
-    # 1. Data, model and loss for the recipe's task. The main process goes first: it fills the tokenized
-    # data and reference caches, which the others then read.
-    with accelerator.main_process_first():
-        setup = (reward_setup(recipe, device, log) if recipe.task == "reward"
-                 else preference_setup(recipe, device, log))
-    model, step_module, loss_fn = setup.model, setup.step_module, setup.loss_fn
-    run = run_record(recipe_tree, setup.fingerprints, world)
+    # 1. Data and model for the recipe's task. Each machine's first process goes first: it fills that
+    # machine's tokenized-data cache, which the others then read. A model the engine shards is loaded on the
+    # CPU: the engine moves each process's shard to its device.
+    sharded = shards_parameters(accelerator)
+    load_device = torch.device("cpu") if sharded else device
+    with accelerator.local_main_process_first():
+        setup = (reward_setup(recipe, load_device, log, shardable=sharded) if recipe.task == "reward"
+                 else preference_setup(recipe, load_device, log, shardable=sharded))
+    model, loss_fn = setup.model, setup.loss_fn
+
+    # 2. Optimizer and engine. Every process starts from process 0's adapter: DDP and DeepSpeed send it when
+    # they wrap the module, FSDP shards each process's own copy, so it is sent here first.
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    param_names, params = [name for name, _ in trainable], [p for _, p in trainable]
+    if engine == "fsdp2":
+        with torch.no_grad():
+            for param, value in zip(params, broadcast(accelerator, [p.detach().cpu() for p in params]), strict=True):
+                param.copy_(value)
+    optimizer = build_optimizer(params, cfg)
+    step_module, optimizer = accelerator.prepare(setup.step_module, optimizer)
+    if world > 1:
+        set_seed(cfg.seed + rank)  # each process draws its own dropout masks
+    # Passes without gradients (evaluation, the reference) run through the step module itself unless the
+    # engine shards it; then every process runs as many forwards (dpo.train.parallel.lockstep).
+    no_grad_step = no_grad_module(accelerator, step_module)
+    processes = Processes(rank=rank, world=world, local_main=accelerator.is_local_main_process, gather=gather,
+                          lockstep=sharded)
+    if setup.references is not None:
+        setup.references(no_grad_step, processes)
+    run = run_record(recipe_tree, setup.fingerprints, world, engine)
     if checkpoint is not None:
         check_resume(run_differences(checkpoint.run, run), checkpoint, force, log)
         for note in version_notes(checkpoint.run, run):
@@ -266,13 +330,7 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
         run_dir.write_text("recipe.yaml", recipe.to_yaml(), "resolved recipe")
     metrics_path = out_dir / "metrics.jsonl"  # written through MetricLog, by the main process only
 
-    # 2. Optimizer, schedule, data order.
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    param_names, params = [name for name, _ in trainable], [p for _, p in trainable]
-    if world > 1:
-        # Every process starts from process 0's adapter, and draws its own dropout masks.
-        broadcast_parameters(params)
-        set_seed(cfg.seed + rank)
+    # The schedule and the data order.
     num_rows = len(setup.train_rows)
     micro_batches = num_rows // cfg.batch_size if setup.drop_last else math.ceil(num_rows / cfg.batch_size)
     if micro_batches == 0:
@@ -287,40 +345,57 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
             "of each epoch's shuffled order are left out, so every process takes as many")
     steps_per_epoch = max(1, micro_batches // world // cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    optimizer = build_optimizer(params, cfg)
-    # Not handed to accelerate.prepare: its scheduler wrapper would step once per process, and the step module
-    # is not wrapped in DDP (see dpo.train.parallel).
-    scheduler = build_scheduler(optimizer, cfg, total_steps)
-    optimizer = accelerator.prepare(optimizer)
+    # Not handed to accelerate.prepare: its scheduler wrapper would step once per process. Built on the torch
+    # optimizer inside the engine's wrappers, whose parameter groups the engine steps.
+    scheduler = build_scheduler(inner_optimizer(optimizer), cfg, total_steps)
     # Evaluation batches the held-out rows exactly as the reference precompute does, so an untrained
     # policy reproduces the reference bit for bit (margins exactly 0, accuracy exactly chance). The
     # loader gets its own generator: each pass draws a seed, which must not come from the global one that
     # dropout uses (eval_every may change on resume without changing the result).
-    eval_batches = shard(length_sorted_batches(setup.eval_rows, recipe.reference.batch_size), rank, world,
-                         whole_rounds=False)
+    all_eval_batches = length_sorted_batches(setup.eval_rows, recipe.reference.batch_size)
+    eval_batches = (lockstep(all_eval_batches, rank, world) if sharded
+                    else [(batch, True) for batch in shard(all_eval_batches, rank, world, whole_rounds=False)])
     eval_loader = DataLoader(setup.eval_rows, collate_fn=setup.collate, generator=torch.Generator(),
-                             batch_sampler=eval_batches)
+                             batch_sampler=[batch for batch, _ in eval_batches])
+    eval_counted = [counted for _, counted in eval_batches]
     has_eval = len(setup.eval_rows) > 0
 
-    def gather(obj) -> list:
-        return gather_object([obj]) if world > 1 else [obj]
+    def run_eval() -> dict[str, float]:
+        return evaluate(no_grad_step, eval_loader, loss_fn, device, gather, eval_counted)
 
     def save(loop: LoopState) -> Path | None:
-        # The checkpoint holds the metric window of all processes, resumed by the main one alone.
+        # The checkpoint holds the metric window of all processes, resumed by the main one alone, and the
+        # adapter and optimizer state as full tensors, whatever the engine shards.
         loop.window_sums, loop.window_counts = merge_sums(gather((window.sums, window.counts)))
         rng_states = gather(capture_rng())
+        adapter_state = full_adapter(accelerator, model, param_names)
+        optimizer_state = full_optimizer_state(accelerator, model, optimizer, param_names)
         path = None
         if is_main:
             path = save_checkpoint(run_dir, loop, model=model, optimizer=optimizer, scheduler=scheduler,
                                    scaler=accelerator.scaler, param_names=param_names, rng_states=rng_states,
-                                   run=run, keep_last=cfg.keep_last, log=log)
+                                   run=run, keep_last=cfg.keep_last, log=log, adapter_state=adapter_state,
+                                   optimizer_state=optimizer_state)
         accelerator.wait_for_everyone()
         return path
 
     # 3. Where to start: a checkpoint's state, or the untrained policy's held-out metrics.
     if checkpoint is not None:
-        loop = restore_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler,
-                                  scaler=accelerator.scaler, param_names=param_names, process_index=rank)
+        state = None
+        if is_main:
+            try:
+                state = read_checkpoint_state(checkpoint, model, param_names)
+            except CheckpointError as exc:
+                state = exc
+        state = broadcast(accelerator, state)
+        if isinstance(state, CheckpointError):
+            raise state
+        load_full_state(accelerator, model, optimizer, param_names, state["adapter"], state["optimizer"])
+        loop = resume_state(state, checkpoint, scheduler=scheduler, scaler=accelerator.scaler, process_index=rank,
+                            force=force, log=log)
+        saved_world = checkpoint.run.get("num_processes", world)
+        if saved_world != world:  # --force: the same place in the epoch's order, counted in this run's shares
+            loop.micro_batch = loop.micro_batch * saved_world // world
         if not is_main:
             loop.window_sums, loop.window_counts = {}, {}
         if is_main and rewind_metrics(metrics_path, loop.step, final=loop.step >= total_steps):
@@ -333,7 +408,7 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
     metric_log = MetricLog(out_dir, tensorboard=recipe.output.tensorboard, enabled=is_main, run_dir=run_dir,
                            resumed_step=loop.step if checkpoint is not None else None)
     if checkpoint is None:
-        loop.eval_before = evaluate(step_module, eval_loader, loss_fn, device, gather) if has_eval else {}
+        loop.eval_before = run_eval() if has_eval else {}
         if loop.eval_before:
             log(describe_eval("before training", loop.eval_before))
             metric_log.write({"split": "eval", "step": 0, **loop.eval_before})
@@ -359,10 +434,9 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
                     loss = out.losses.mean()
                     step_losses.append(float(loss.detach()))
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        if world > 1:
-                            average_gradients(params)
-                        loop.grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
+                    if accelerator.sync_gradients:  # the engine has reduced the gradients of this step
+                        loop.grad_norm = grad_norm(accelerator.clip_grad_norm_(step_module.parameters(),
+                                                                               cfg.max_grad_norm or math.inf))
                         applied = all(map(math.isfinite, step_losses)) and math.isfinite(loop.grad_norm)
                         applied = all(gather(applied))  # a step is taken by every process or by none
                         if applied:
@@ -402,7 +476,7 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
                     window.reset()
                     tokens, window_start = 0, time.perf_counter()
                 if cfg.eval_every and loop.step % cfg.eval_every == 0 and loop.step < total_steps and has_eval:
-                    metrics = evaluate(step_module, eval_loader, loss_fn, device, gather)
+                    metrics = run_eval()
                     metric_log.write({"split": "eval", "step": loop.step, **metrics})
                     log(describe_eval(f"step {loop.step}", metrics))
                 if too_many_bad:
@@ -429,16 +503,18 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
         last_checkpoint = save(loop)
 
     # 5. Held-out metrics after training, adapter and tokenizer.
-    after = evaluate(step_module, eval_loader, loss_fn, device, gather) if has_eval else {}
+    after = run_eval() if has_eval else {}
     if after:
         log(describe_eval("after training", after))
         metric_log.write({"split": "eval", "step": loop.step, **after})
     metric_log.close()
     adapter_dir = out_dir / "adapter"
     summary = {"eval_before": loop.eval_before, "eval_after": after, "steps": loop.step}
+    adapter_state = full_adapter(accelerator, model, param_names) if engine != "single" else None
     if is_main:
         def save_adapter(folder: Path) -> None:
-            model.save_pretrained(folder, safe_serialization=True)
+            model.save_pretrained(folder, safe_serialization=True,
+                                  **({"state_dict": adapter_state} if adapter_state is not None else {}))
             setup.tokenizer.save_pretrained(folder)
 
         run_dir.write_folder("adapter", save_adapter, "adapter",

@@ -2,9 +2,9 @@
 
 A task's setup function turns the recipe into a :class:`TrainSetup`; the loop (:mod:`dpo.train.loop`)
 reads nothing else. ``preference`` (the DPO family): data, the policy with a fresh adapter wrapped in the
-step module, reference log-probs computed once before training, and the registered loss, whose flags
-(needs a reference? paired?) it reads, never its name. ``reward``: a Bradley–Terry reward model
-(:mod:`dpo.reward`), no reference pass.
+step module, reference log-probs computed once before training (by the loop, through :attr:`TrainSetup.references`,
+once an engine has prepared the step module), and the registered loss, whose flags (needs a reference? paired?)
+it reads, never its name. ``reward``: a Bradley–Terry reward model (:mod:`dpo.reward`), no reference pass.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dpo.data import collate_paired, collate_unpaired, kto_balance_warning, prep
 from dpo.losses import LossOutput, LossSpec, PairedLogps, UnpairedLogps, get_loss
 from dpo.model import LogprobSettings, SequenceLogprobs, add_lora, load_base_model, load_tokenizer
 from dpo.recipe import Recipe
-from dpo.reference import ReferenceLogps
+from dpo.reference import Processes, ReferenceLogps
 from dpo.reference import reference_logps as cached_reference_logps
 from dpo.train.checkpoint import tensor_fingerprint
 
@@ -34,10 +34,10 @@ class TrainSetup:
     Attributes:
         model: the trainable model (a peft model; only adapter parameters require grad). The optimizer and
             checkpoints name its parameters by its own ``named_parameters()``; it is saved as the adapter.
-        step_module: the module the loop runs (train and eval mode, the model handed to ``loss_fn``): its
-            forward computes what the loss needs from a batch, through ``model``'s parameters. For the
-            preference losses a :class:`dpo.model.SequenceLogprobs` around ``model``; for a reward model the
-            model itself.
+        step_module: the module the loop runs and an engine wraps (train and eval mode, the model handed to
+            ``loss_fn``): its forward computes what the loss needs from a batch, through ``model``'s parameters.
+            For the preference losses a :class:`dpo.model.SequenceLogprobs` around ``model``; for a reward model
+            a :class:`dpo.reward.SequenceRewards`.
         tokenizer: saved beside the adapter.
         train_rows: tokenized training examples.
         eval_rows: tokenized held-out examples.
@@ -48,6 +48,11 @@ class TrainSetup:
         drop_last: whether the last short training batch is dropped (losses whose estimate needs full batches).
         fingerprints: content hashes of what the run was built from (tokenized data, reference log-probs);
             a checkpoint records them and a resume must match them.
+        references: the reference pass, ``(step, processes) -> None``, or None when the task needs none. The
+            loop calls it once, before the first step, with the step module as the engine prepared it (the
+            pass goes through its forward with the adapter disabled) and a
+            :class:`dpo.reference.Processes` (the processes share the pass); it fills the values
+            ``loss_fn`` looks up and adds their fingerprints.
     """
 
     model: torch.nn.Module
@@ -60,10 +65,14 @@ class TrainSetup:
     headline: tuple[str, str] = ("rewards/accuracies", "held-out preference accuracy")
     drop_last: bool = False
     fingerprints: dict[str, str] = field(default_factory=dict)
+    references: Callable[[torch.nn.Module, Processes], None] | None = None
 
 
-def preference_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
-    """DPO-family training: data, policy with a fresh adapter, reference log-probs, registered loss."""
+def preference_setup(recipe: Recipe, device, log: Log, shardable: bool = False) -> TrainSetup:
+    """DPO-family training: data, policy with a fresh adapter, reference log-probs, registered loss.
+
+    ``shardable``: the model will be sharded by FSDP (see :func:`dpo.model.quantization_config`).
+    """
     cfg = recipe.train
     spec = get_loss(recipe.loss.name)
     options = recipe.loss.options()
@@ -78,18 +87,17 @@ def preference_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
         if warning:
             log(f"warning: {warning}")
     collate = partial(collate_paired if spec.paired else collate_unpaired, pad_token_id=tokenizer.pad_token_id)
-    base = load_base_model(recipe.model, device=device)
+    base = load_base_model(recipe.model, device=device, shardable=shardable)
     policy = add_lora(base, recipe.lora, recipe.model.gradient_checkpointing)
     settings = LogprobSettings(cfg.logprob_impl, cfg.logprob_chunk_size)
-    # Reference log-probs, once, before any training step; the step only looks them up.
-    reference_train = reference_eval = None
-    if spec.needs_reference:
-        reference_train, reference_eval = compute_references(recipe, policy, data, collate, settings, device, log)
-
-    references = {"train": reference_train, "eval": reference_eval}
+    references: dict[str, ReferenceLogps | None] = {"train": None, "eval": None}
     fingerprints = {"data.train": data.train_fingerprint, "data.eval": data.eval_fingerprint}
-    for split, values in references.items():
-        if values is not None:
+
+    def fill_references(step: torch.nn.Module, processes: Processes) -> None:
+        # Reference log-probs, once, before any training step; the step only looks them up.
+        references["train"], references["eval"] = compute_references(recipe, policy, data, collate, settings,
+                                                                     device, log, step=step, processes=processes)
+        for split, values in references.items():
             fingerprints[f"reference.{split}"] = tensor_fingerprint(values.first, values.second,
                                                                     values.first_tokens, values.second_tokens)
 
@@ -99,16 +107,17 @@ def preference_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
     headline = (("rewards/accuracies", "held-out preference accuracy") if spec.paired
                 else ("rewards/gap", "held-out reward gap, desirable minus undesirable"))
     return TrainSetup(policy, SequenceLogprobs(policy, settings), tokenizer, data.train, data.eval, collate, loss_fn,
-                      headline, drop_last=not spec.paired, fingerprints=fingerprints)
+                      headline, drop_last=not spec.paired, fingerprints=fingerprints,
+                      references=fill_references if spec.needs_reference else None)
 
 
-def reward_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
+def reward_setup(recipe: Recipe, device, log: Log, shardable: bool = False) -> TrainSetup:
     """Bradley–Terry reward model on the same pairs (see :mod:`dpo.reward`); no reference pass."""
     from dpo.reward import reward_parts
 
-    parts = reward_parts(recipe, device, log)
-    return TrainSetup(parts.model, parts.model, parts.tokenizer, parts.train_rows, parts.eval_rows, parts.collate,
-                      parts.loss_fn, headline=("rewards/accuracies", "held-out reward-model accuracy"),
+    parts = reward_parts(recipe, device, log, shardable)
+    return TrainSetup(parts.model, parts.step_module, parts.tokenizer, parts.train_rows, parts.eval_rows,
+                      parts.collate, parts.loss_fn, headline=("rewards/accuracies", "held-out reward-model accuracy"),
                       fingerprints=parts.fingerprints)
 
 
@@ -135,9 +144,12 @@ def batch_loss(logprobs: SequenceLogprobs, batch: dict[str, Tensor], spec: LossS
     return spec.compute(policy_logps, reference_logps, options)
 
 
-def compute_references(recipe: Recipe, policy, data, collate, settings: LogprobSettings,
-                       device, log: Log) -> tuple[ReferenceLogps, ReferenceLogps]:
+def compute_references(recipe: Recipe, policy, data, collate, settings: LogprobSettings, device, log: Log, *,
+                       step: torch.nn.Module | None = None, processes: Processes | None = None
+                       ) -> tuple[ReferenceLogps, ReferenceLogps]:
     """Reference log-probs for both splits through the on-disk cache (``dpo.reference.setup``): read on a
     hit, without loading or running anything; computed on a miss by a separate model if the recipe names
-    one (loaded only meanwhile), else by the policy's base with the adapter disabled."""
-    return cached_reference_logps(recipe, data, collate, settings, device, log, policy=policy)
+    one (loaded only meanwhile), else by the policy's base with the adapter disabled (through ``step``, the
+    step module as the engine prepared it), shared between ``processes``."""
+    return cached_reference_logps(recipe, data, collate, settings, device, log, policy=policy, step=step,
+                                  processes=processes)
