@@ -52,8 +52,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from dpo.model import ModelError
     from dpo.reference import ReferenceMismatchError
     from dpo.train import CheckpointError
+    from dpo.train.engine import EngineError
 
-    return RecipeError, ModelError, DataError, CheckpointError, ReferenceMismatchError, WriteFailed
+    return RecipeError, ModelError, DataError, CheckpointError, ReferenceMismatchError, WriteFailed, EngineError
 
 
 @contextmanager
@@ -111,16 +112,32 @@ def train_command(
                                             "a previous run's outputs there (nothing else).")] = False,
     precompute_only: PrecomputeOpt = False,
     verify_reference: VerifyOpt = None,
+    processes: Annotated[int, typer.Option(
+        "--processes", min=1, metavar="N", help="With --dry-run: the memory plan per GPU of a run over N "
+        "processes (GPUs).")] = 1,
+    engine: Annotated[str | None, typer.Option(
+        "--engine", metavar="NAME", show_default=False, help="With --dry-run: the engine of that run, ddp, zero2, "
+        "fsdp2 or zero3 (default: ddp with --processes N > 1).")] = None,
 ) -> None:
     """Train a LoRA adapter with the recipe's loss (the default command: `dpo-train RECIPE`).
 
-    Other commands: cache, merge, score, compare (`dpo-train COMMAND --help` explains each).
+    Under `accelerate launch` or `torchrun` it trains on every process, with the engine the launch chose
+    (DDP, FSDP2, DeepSpeed). Other commands: cache, merge, score, compare (`dpo-train COMMAND --help`).
     """
+    from dpo.model.memory import ENGINES
+
+    if (processes != 1 or engine is not None) and not dry_run:
+        _fail("--processes and --engine only shape the --dry-run memory plan; a run's engine and process count "
+              "come from how it is launched (accelerate launch --config_file ..., torchrun)")
+    engine = engine or ("ddp" if processes > 1 else "single")
+    if engine not in ENGINES:
+        _fail(f"--engine {engine}: one of {', '.join(ENGINES)}")
     loaded = _load(recipe, _with_verify(set_, verify_reference))
     try:
         with _stopped_by_user():
             if dry_run:
-                dry_run_report(loaded, recipe_file=recipe, resume=resume, overwrite=overwrite, force=force)
+                dry_run_report(loaded, recipe_file=recipe, resume=resume, overwrite=overwrite, force=force,
+                               engine=engine, processes=processes)
                 return
             if precompute_only:
                 _precompute(loaded)
@@ -153,9 +170,10 @@ def cache_command(recipe: RecipeArg, set_: SetOpt = None, verify_reference: Veri
 
 
 def dry_run_report(recipe: Recipe, recipe_file: Path | None = None, resume: str | None = None,
-                   overwrite: bool = False, force: bool = False) -> None:
+                   overwrite: bool = False, force: bool = False, engine: str = "single", processes: int = 1) -> None:
     """Print the resolved recipe and what the data looks like once tokenized, after the checks a real run
-    makes before training (output directory and its lock, the checkpoint to resume from, TensorBoard)."""
+    makes before training (output directory and its lock, the checkpoint to resume from, TensorBoard), and
+    the memory plan (per GPU under ``engine`` over ``processes`` GPUs)."""
     from dpo.data import prepare_data
     from dpo.losses import get_loss
     from dpo.model import load_tokenizer
@@ -174,15 +192,15 @@ def dry_run_report(recipe: Recipe, recipe_file: Path | None = None, resume: str 
     typer.echo(data.stats.format())
     typer.echo(f"train examples: {len(data.train)}, eval examples: {len(data.eval)}")
     if recipe.task == "preference":
-        typer.echo(_memory_section(recipe, data.train))
+        typer.echo(_memory_section(recipe, data.train, engine, processes))
     typer.echo("dry run: nothing was trained")
 
 
-def _memory_section(recipe: Recipe, train_rows) -> str:
+def _memory_section(recipe: Recipe, train_rows, engine: str = "single", processes: int = 1) -> str:
     from dpo.model import memory_report
 
     try:
-        return memory_report(recipe, train_rows)[0]
+        return memory_report(recipe, train_rows, engine=engine, processes=processes)[0]
     except (OSError, ValueError, TypeError) as exc:
         return f"# memory\n  no estimate: cannot read the model's config.json ({exc})"
 

@@ -29,7 +29,6 @@ from dpo.model.load import (
     torch_dtype,
 )
 from dpo.model.logprobs import (
-    LogprobHead,
     LogprobSettings,
     SequenceLogprobs,
     final_logit_softcap,
@@ -40,7 +39,6 @@ from dpo.model.memory import memory_report
 from dpo.model.merge import MergeError, MergeReport, merge_run
 
 __all__ = [
-    "LogprobHead",
     "LogprobSettings",
     "MergeError",
     "MergeReport",

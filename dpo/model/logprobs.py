@@ -2,8 +2,8 @@
 
 The forward never builds ``[tokens, vocab]`` logits: the trunk returns final hidden states, and
 :func:`dpo.kernels.token_logprobs` turns the hidden states at completion positions plus the LM head's
-weight into log-probs of the targets (:class:`LogprobHead`). :class:`SequenceLogprobs` is that computation as an
-``nn.Module`` whose ``forward(batch)`` the training step, evaluation and the reference precompute call.
+weight into log-probs of the targets. :class:`SequenceLogprobs` is that computation as an ``nn.Module``
+whose ``forward(batch)`` the training step, evaluation and the reference precompute call.
 """
 
 from __future__ import annotations
@@ -42,40 +42,12 @@ def final_logit_softcap(model: nn.Module) -> float | None:
     return float(cap) if cap else None
 
 
-class LogprobHead(nn.Module):
-    """The frozen LM head as the log-prob kernel: ``forward(hidden [N, H], targets [N]) -> [N]`` float32.
-
-    The kernel reads the head's whole ``[V, H]`` weight, never the head's own forward. Calling it through a
-    module of its own lets an engine that shards parameters (FSDP) treat the head as one more unit: the full
-    weight is gathered around this forward (and again for its backward) and freed after it, as a decoder
-    layer's are, instead of staying gathered for the whole step.
-
-    Args:
-        head: the model's output embedding (``get_output_embeddings()``), registered here as a child, so its
-            weight is this module's parameter too (the same tensor, listed once by ``parameters()``).
-        softcap: Gemma-2 style final-logit softcap, or None.
-        settings: kernel choice and chunking.
-    """
-
-    def __init__(self, head: nn.Module, softcap: float | None = None, settings: LogprobSettings = LogprobSettings()):
-        super().__init__()
-        self.head = head
-        self.softcap = softcap
-        self.settings = settings
-
-    def forward(self, hidden: Tensor, targets: Tensor) -> Tensor:
-        """Log-probs of ``targets [N]`` under ``softmax(hidden [N, H] @ weight.T)``, float32 ``[N]``."""
-        return token_logprobs(hidden, self.head.weight, targets, softcap=self.softcap, impl=self.settings.impl,
-                              chunk_size=self.settings.chunk_size)
-
-
 def sequence_logprobs(
     model: nn.Module,
     input_ids: Tensor,
     attention_mask: Tensor,
     labels: Tensor,
     settings: LogprobSettings = LogprobSettings(),
-    head: LogprobHead | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Summed log-probs of the labelled tokens of each row.
 
@@ -87,7 +59,6 @@ def sequence_logprobs(
         attention_mask: ``[R, T]``, 1 on real tokens.
         labels: ``[R, T]``, the token id on completion positions, -100 elsewhere.
         settings: kernel choice and chunking.
-        head: the model's head as a :class:`LogprobHead` (the step module's own); None builds one here.
 
     Returns:
         ``(logps [R] float32, token_counts [R] int64)``.
@@ -96,9 +67,15 @@ def sequence_logprobs(
     targets = labels[:, 1:]
     selected = targets != IGNORE_INDEX
     rows = selected.nonzero(as_tuple=True)[0]
-    if head is None:
-        head = LogprobHead(causal_lm(model).get_output_embeddings(), final_logit_softcap(model), settings)
-    per_token = head(hidden[:, :-1][selected], targets[selected])
+    head = causal_lm(model).get_output_embeddings()
+    per_token = token_logprobs(
+        hidden[:, :-1][selected],
+        head.weight,
+        targets[selected],
+        softcap=final_logit_softcap(model),
+        impl=settings.impl,
+        chunk_size=settings.chunk_size,
+    )
     sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, per_token)
     return sums, selected.sum(dim=1)
 
@@ -114,13 +91,14 @@ class SequenceLogprobs(nn.Module):
 
     Its parameters are the wrapped model's (``parameters()`` yields the same tensors), named with the
     prefix ``model.``; optimizer state and checkpoints name them by the wrapped model's own
-    ``named_parameters()``. ``train()`` / ``eval()`` set the wrapped model's mode too. The LM head is also
-    reachable as ``head`` (a :class:`LogprobHead`), whose forward is the kernel call.
+    ``named_parameters()``. ``train()`` / ``eval()`` set the wrapped model's mode too.
 
-    What FSDP's transformer auto-wrap reads (``_no_split_modules``, ``get_input_embeddings``) is forwarded
-    from the wrapped model, so each decoder block, the input embedding and the head become units of their
-    own. A head tied to the input embedding (one tensor) stays with the root unit, which gathers it for the
-    whole forward and backward.
+    Under FSDP: what its transformer auto-wrap reads is forwarded from the wrapped model
+    (``_no_split_modules``: each decoder block becomes a unit; ``get_input_embeddings``: so does the input
+    embedding). The LM head stays in this module's own (root) unit, because the kernel reads its whole
+    ``[V, H]`` weight without calling the head's forward: the root's hooks gather it when this forward starts
+    and free it after the backward, so during a step every process holds the full head (``V * H`` values in
+    the model's dtype). A head tied to the input embedding keeps the embedding there too.
 
     Args:
         model: the policy (peft-wrapped or plain causal LM), or a reference network.
@@ -131,23 +109,17 @@ class SequenceLogprobs(nn.Module):
         super().__init__()
         self.model = model
         self.settings = settings
-        self.head = LogprobHead(causal_lm(model).get_output_embeddings(), final_logit_softcap(model), settings)
-
-    @property
-    def tied_head(self) -> bool:
-        """The LM head and the input embedding are one tensor."""
-        lm = causal_lm(self.model)
-        return lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
 
     @property
     def _no_split_modules(self) -> list[str]:
-        """Classes an FSDP transformer auto-wrap shards as units: the model's blocks, and the head unless tied."""
-        blocks = list(getattr(causal_lm(self.model), "_no_split_modules", None) or [])
-        return blocks if self.tied_head else [*blocks, type(self.head).__name__]
+        """The model's block classes (e.g. ``LlamaDecoderLayer``), for an FSDP transformer auto-wrap."""
+        return list(getattr(causal_lm(self.model), "_no_split_modules", None) or [])
 
     def get_input_embeddings(self) -> nn.Module | None:
-        """The input embedding for an engine to shard as its own unit (None when tied to the head)."""
-        return None if self.tied_head else causal_lm(self.model).get_input_embeddings()
+        """The input embedding, for an engine to shard as a unit of its own (None when the head shares it)."""
+        lm = causal_lm(self.model)
+        embedding = lm.get_input_embeddings()
+        return None if lm.get_output_embeddings().weight is embedding.weight else embedding
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Summed log-probs of each row's labelled tokens, and how many there are.
@@ -160,4 +132,4 @@ class SequenceLogprobs(nn.Module):
             ``(logps [R] float32, token_counts [R] int64)``.
         """
         return sequence_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                 self.settings, self.head)
+                                 self.settings)

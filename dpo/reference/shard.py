@@ -147,7 +147,8 @@ def compute_sharded(
     todo = len(queue)
     start = last_checkpoint = time.perf_counter()
     unsaved = False
-    bar = tqdm(total=2 * n, initial=2 * (n - todo), desc=desc, unit="seq", leave=False, disable=not todo)
+    bar = tqdm(total=2 * n, initial=2 * (n - todo), desc=desc, unit="seq", leave=False,
+               disable=not todo or processes.rank != 0)  # one bar for the run, counting every process's values
     try:
         for round_ in range(rounds):
             slot = round_ * processes.world + processes.rank

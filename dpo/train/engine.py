@@ -17,9 +17,10 @@ step), the sharding and the mixed precision. This module:
   so a checkpoint has one format whatever the engine and process count, and a run on several machines
   resumes from the main machine's disk.
 
-The frozen LM head: the log-prob kernel needs its whole ``[V, H]`` weight. The step module calls it
-through :class:`dpo.model.LogprobHead`, a unit of its own under FSDP, so the weight is gathered around that
-forward (and again for the backward) like a decoder layer's (see :class:`dpo.model.SequenceLogprobs`).
+The frozen LM head: the log-prob kernel needs its whole ``[V, H]`` weight and reads it without calling the
+head's forward, so under FSDP the head stays in the step module's root unit, gathered by the root's hooks
+when the step's forward starts and freed after its backward (see :class:`dpo.model.SequenceLogprobs`; the
+memory plan counts it: :func:`dpo.model.memory.estimate_sharded`).
 """
 
 from __future__ import annotations
@@ -62,14 +63,23 @@ def build_accelerator(recipe: Recipe, timeout: timedelta):
     """
     import torch.cuda
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import AutocastKwargs, DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
+    from accelerate.utils import (
+        AutocastKwargs,
+        DistributedType,
+        FullyShardedDataParallelPlugin,
+        InitProcessGroupKwargs,
+    )
 
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     deepspeed = _flag("ACCELERATE_USE_DEEPSPEED")
     no_accelerator = not torch.cuda.is_available()
     if deepspeed and launched and no_accelerator:
         # accelerate starts DeepSpeed only with an accelerator's collective library; name gloo instead (what
-        # DeepSpeed's CPU backend uses without oneCCL).
+        # DeepSpeed's CPU backend uses without oneCCL), and let gloo do every collective: DeepSpeed would
+        # otherwise compile its shared-memory collective op first (C++, minutes on a fresh machine).
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         PartialState(backend="gloo", timeout=timeout)
     accelerator = Accelerator(gradient_accumulation_steps=recipe.train.grad_accum,
                               mixed_precision="fp16" if recipe.train.loss_scaler else "no",
@@ -80,24 +90,37 @@ def build_accelerator(recipe: Recipe, timeout: timedelta):
     state = accelerator.state
     if _flag("ACCELERATE_USE_FSDP") and state.distributed_type == DistributedType.MULTI_CPU:
         # accelerate selects FSDP only on accelerators; on CPU processes it is the same fully_shard over gloo.
+        # Both states hold the engine: accelerate copies the process state's into the accelerator's again.
         state.fsdp_plugin = FullyShardedDataParallelPlugin()
-        state.distributed_type = DistributedType.FSDP
+        state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
     kind = engine_name(accelerator)
+    check_engine(kind, recipe)
+    if kind.startswith("deepspeed"):
+        configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, recipe, accelerator.num_processes)
+    return accelerator
+
+
+def check_engine(kind: str, recipe: Recipe) -> None:
+    """Refuse what engine ``kind`` (:func:`engine_name`) cannot train as the recipe asks.
+
+    Raises:
+        EngineError: FSDP version 1; an 8-bit optimizer under FSDP or DeepSpeed (its state is per whole tensor).
+    """
     if kind == "fsdp1":
         raise EngineError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
                           "(recipes/accelerate/fsdp2.yaml is an example)")
     if kind not in ("single", "ddp") and recipe.train.optimizer in _WHOLE_TENSOR_OPTIMIZERS:
         raise EngineError(f"train.optimizer: {recipe.train.optimizer} keeps its state per whole tensor, which "
-                          f"{describe_engine(accelerator)} shards; use adamw (the adapter's optimizer state is "
-                          "sharded across the processes anyway)")
-    if kind.startswith("deepspeed"):
-        _configure_deepspeed(accelerator, recipe)
-    return accelerator
+                          f"{kind} shards across the processes; use adamw (sharded, its state costs each process "
+                          "a share of what one process pays)")
 
 
-def _configure_deepspeed(accelerator, recipe: Recipe) -> None:
-    """Fill the DeepSpeed config from the recipe: batch sizes, accumulation, clipping, precision."""
-    config = accelerator.state.deepspeed_plugin.deepspeed_config
+def configure_deepspeed(config: dict[str, Any], recipe: Recipe, processes: int) -> None:
+    """Fill a DeepSpeed config (in place) from the recipe: batch sizes, accumulation, clipping, precision.
+
+    Raises:
+        EngineError: the config has its own optimizer or scheduler section.
+    """
     for section in ("optimizer", "scheduler"):
         if section in config:
             raise EngineError(f"the DeepSpeed config has an '{section}' section; dpo-train builds the optimizer and "
@@ -105,7 +128,7 @@ def _configure_deepspeed(accelerator, recipe: Recipe) -> None:
     train = recipe.train
     config["train_micro_batch_size_per_gpu"] = train.batch_size
     config["gradient_accumulation_steps"] = train.grad_accum
-    config["train_batch_size"] = train.batch_size * train.grad_accum * accelerator.num_processes
+    config["train_batch_size"] = train.batch_size * train.grad_accum * processes
     config["gradient_clipping"] = train.max_grad_norm or 0.0
     # The recipe's dtypes hold, as on one GPU: the base in model.dtype, the adapter in float32; fp16 compute
     # only with the loss scaler.
@@ -149,7 +172,28 @@ def no_grad_module(accelerator, prepared: torch.nn.Module) -> torch.nn.Module:
     module itself, whose forward involves no other process (DDP's wrapper would synchronise buffers on
     every call), so each process can run its own number of batches.
     """
-    return prepared if shards_parameters(accelerator) else accelerator.unwrap_model(prepared)
+    if shards_parameters(accelerator) or accelerator.num_processes == 1:
+        return prepared
+    return prepared.module  # DDP's and DeepSpeed's wrappers keep the step module as .module
+
+
+def gather_head_with_step(accelerator, prepared: torch.nn.Module) -> None:
+    """Under DeepSpeed ZeRO-3, make the step's forward gather the LM head.
+
+    ZeRO-3 gathers a module's weights when that module's forward runs; the log-prob kernel reads the head's
+    weight without calling the head. Registered as an external parameter of the step module, the head is
+    gathered for the step's forward and backward, as FSDP's root unit holds it. (A reward model calls its
+    score head, and a sequence-classification model has no LM head: nothing to do.)
+    """
+    if engine_name(accelerator) != "deepspeed-zero3":
+        return
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    step = prepared.module
+    model = getattr(step, "model", None)
+    head = model.get_output_embeddings() if model is not None and hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        register_external_parameter(step, head.weight)
 
 
 # ------------------------------------------------------------------------------------- full state

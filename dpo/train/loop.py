@@ -53,6 +53,7 @@ from dpo.train.engine import (
     engine_name,
     full_adapter,
     full_optimizer_state,
+    gather_head_with_step,
     inner_optimizer,
     load_full_state,
     no_grad_module,
@@ -292,14 +293,14 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
         raise found
     checkpoint = found
 
-    # 1. Data and model for the recipe's task. Each machine's first process goes first: it fills that
-    # machine's tokenized-data cache, which the others then read. A model the engine shards is loaded on the
-    # CPU: the engine moves each process's shard to its device.
+    # 1. Data and model for the recipe's task, on every process at once: the processes of a machine share its
+    # tokenized-data cache (one tokenizes each split, the others wait for its entry and read it), and loading
+    # can itself be collective (DeepSpeed ZeRO-3 partitions each weight as it is created). A model the engine
+    # shards is loaded on the CPU: the engine moves each process's shard to its device.
     sharded = shards_parameters(accelerator)
     load_device = torch.device("cpu") if sharded else device
-    with accelerator.local_main_process_first():
-        setup = (reward_setup(recipe, load_device, log, shardable=sharded) if recipe.task == "reward"
-                 else preference_setup(recipe, load_device, log, shardable=sharded))
+    setup = (reward_setup(recipe, load_device, log, shardable=sharded) if recipe.task == "reward"
+             else preference_setup(recipe, load_device, log, shardable=sharded))
     model, loss_fn = setup.model, setup.loss_fn
 
     # 2. Optimizer and engine. Every process starts from process 0's adapter: DDP and DeepSpeed send it when
@@ -312,6 +313,7 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
                 param.copy_(value)
     optimizer = build_optimizer(params, cfg)
     step_module, optimizer = accelerator.prepare(setup.step_module, optimizer)
+    gather_head_with_step(accelerator, step_module)
     if world > 1:
         set_seed(cfg.seed + rank)  # each process draws its own dropout masks
     # Passes without gradients (evaluation, the reference) run through the step module itself unless the
