@@ -65,3 +65,13 @@ def test_long_line_bench_prepares_a_long_line_and_counts_it_truncated():
     out = run_bench("long_line.py", "--mb", "0.2")
     report = json.loads(out[out.index("{"):])
     assert report["truncated_pairs"] == 1 and report["peak_rss_mib"] > 0 and report["seconds"] > 0
+
+
+def test_engines_table_gives_every_layout_and_shards_the_70b_base():
+    out = run_bench("engines.py", "--models", "Llama-3-8B", "Llama-3-70B")
+    rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| Llama")]
+    assert len(rows) == 2 * 8
+    peak = {(model.strip(), engine.strip(), int(gpus)): float(step) for model, engine, gpus, step, _ in rows}
+    assert peak[("Llama-3-70B", "FSDP2", 2)] < peak[("Llama-3-70B", "one process", 1)] / 1.5
+    assert peak[("Llama-3-70B", "FSDP2", 8)] < peak[("Llama-3-70B", "FSDP2", 4)] < peak[("Llama-3-70B", "FSDP2", 2)]
+    assert peak[("Llama-3-8B", "DDP", 2)] >= peak[("Llama-3-8B", "one process", 1)]  # the whole model on each GPU

@@ -177,6 +177,19 @@ def no_grad_module(accelerator, prepared: torch.nn.Module) -> torch.nn.Module:
     return prepared.module  # DDP's and DeepSpeed's wrappers keep the step module as .module
 
 
+def place_quant_states(model: torch.nn.Module, device: torch.device) -> None:
+    """Move each 4-bit weight's quantization state (scales, code book) to the device the engine computes on.
+
+    bitsandbytes keeps it beside the module, not as a parameter or buffer, so an engine that moves a model
+    loaded on the CPU (FSDP moves each shard to its device, or with offloading each gathered weight) does not
+    move it; the matmul needs it beside the codes. Nothing to do for a model without 4-bit weights.
+    """
+    for module in model.modules():
+        state = getattr(module, "quant_state", None)
+        if state is not None and hasattr(state, "absmax"):
+            state.to(device)
+
+
 def gather_head_with_step(accelerator, prepared: torch.nn.Module) -> None:
     """Under DeepSpeed ZeRO-3, make the step's forward gather the LM head.
 

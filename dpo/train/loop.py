@@ -57,6 +57,7 @@ from dpo.train.engine import (
     inner_optimizer,
     load_full_state,
     no_grad_module,
+    place_quant_states,
     shards_parameters,
 )
 from dpo.train.metric_log import MetricLog, require_tensorboard
@@ -314,6 +315,8 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
     optimizer = build_optimizer(params, cfg)
     step_module, optimizer = accelerator.prepare(setup.step_module, optimizer)
     gather_head_with_step(accelerator, step_module)
+    if sharded:
+        place_quant_states(model, device)
     if world > 1:
         set_seed(cfg.seed + rank)  # each process draws its own dropout masks
     # Passes without gradients (evaluation, the reference) run through the step module itself unless the
