@@ -67,8 +67,8 @@ from dpo.train.setup import preference_setup, reward_setup
 Log = Callable[[str], None]
 Gather = Callable[[object], list]
 
-# How long the other processes of a multi-process run wait for the main one to prepare the data and fill
-# the reference cache (precompute it beforehand with `dpo-train cache` to not wait at all).
+# How long a process of a multi-process run waits for the others at a collective: the longest waits are for
+# one process's work alone (a machine's tokenizing, another run writing a reference cache entry this run needs).
 SETUP_TIMEOUT = timedelta(hours=6)
 
 
