@@ -231,8 +231,8 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
     Launched as several processes (``accelerate launch`` or ``torchrun``), the step module trains under the
     engine the launch chose (DDP, FSDP2 or DeepSpeed: :mod:`dpo.train.engine`) and each process takes its
     share of every epoch's micro-batches (see :mod:`dpo.train.parallel`), so a step's batch is
-    ``batch_size * grad_accum`` pairs per process; each machine's first process tokenizes the data first, the
-    processes share the reference precompute, and the main process alone writes the output directory.
+    ``batch_size * grad_accum`` pairs per process; the processes of a machine share its tokenized-data cache,
+    all processes share the reference precompute, and the main process alone writes the output directory.
     """
     require_tensorboard(recipe.output.tensorboard)
     accelerator = build_accelerator(recipe, SETUP_TIMEOUT)

@@ -153,7 +153,7 @@ def test_a_quantized_head_is_refused(tmp_path, monkeypatch):
     config = ModelConfig(path=str(tmp_path), quantization={"bits": 4})
     assert torch.is_floating_point(load_base_model(config, device="cpu").get_output_embeddings().weight)
     monkeypatch.setattr(model_module, "quantization_config",
-                        lambda _: BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=[]))
+                        lambda *_: BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=[]))
     with pytest.raises(ModelError, match="LM head was quantized"):
         load_base_model(config, device="cpu")
 
