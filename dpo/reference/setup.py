@@ -322,8 +322,8 @@ def precompute_references(recipe: Recipe, log: Log = print) -> dict[str, Path]:
         return {}
     from accelerate import PartialState
 
-    state = PartialState()
     processes = Processes.launched()
+    state = PartialState()
     if not processes.local_main:
         log = _quiet
     tokenizer = load_tokenizer(recipe.model)

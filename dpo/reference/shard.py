@@ -58,11 +58,14 @@ class Processes:
 
     @classmethod
     def launched(cls) -> Processes:
-        """The processes ``accelerate launch`` or ``torchrun`` started (one process when started alone)."""
+        """The processes ``accelerate launch`` or ``torchrun`` started (one process when started alone),
+        over gloo on a machine without a GPU."""
+        import os
+
         from accelerate import PartialState
         from accelerate.utils import gather_object
 
-        state = PartialState()
+        state = PartialState(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
         if state.num_processes == 1:
             return cls()
         return cls(rank=state.process_index, world=state.num_processes, local_main=state.is_local_main_process,

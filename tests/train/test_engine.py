@@ -165,6 +165,15 @@ def test_ddp_trains_as_one_process_and_resumes_bit_for_bit_or_under_another_coun
     assert json.loads((out / "final_metrics.json").read_text())["steps"] == 4
 
 
+def test_the_cache_command_shares_the_precompute_between_processes(tmp_path, one_process):
+    """``torchrun ... -m dpo.cli cache RECIPE``: each process runs the whole model on its share of the batches;
+    the file holds exactly one process's values, and the main process alone names it."""
+    result = torchrun(["cache", str(two_processes(tmp_path, one_process))])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "over 2 processes" in result.stdout and result.stdout.count("reference cache (train):") == 1
+    assert_same_cache(tmp_path / "cache", one_process / "cache")
+
+
 @pytest.mark.parametrize("task", ["kto", "reward"])
 def test_ddp_trains_kto_and_a_reward_model_as_one_process(tmp_path, task):
     one, two = one_and_two(tmp_path, task)
