@@ -795,7 +795,7 @@ def _read_adapter(model, path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{path}: the adapter does not match this model's (missing: {missing[:3]}, "
                               f"unexpected: {extra[:3]}); the lora section or the model differs")
     for key, tensor in saved.items():
-        shape = tuple(params[names[key]].shape)
+        shape = tuple(getattr(params[names[key]], "ds_shape", params[names[key]].shape))  # ZeRO-3: partitioned
         if tuple(tensor.shape) != shape:
             raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, this model's {shape}; the lora "
                                   "section or the model differs")

@@ -55,7 +55,7 @@ def build_accelerator(recipe: Recipe, timeout: timedelta):
 
     Args:
         recipe: the run (gradient accumulation, loss scaling, optimizer, batch sizes, clipping).
-        timeout: how long a collective waits for the other processes (the main one prepares the data first).
+        timeout: how long a collective waits for the other processes (see dpo.train.loop.SETUP_TIMEOUT).
 
     Raises:
         EngineError: FSDP version 1, an 8-bit optimizer under a sharding engine, or a DeepSpeed config with
@@ -275,8 +275,22 @@ def load_full_state(accelerator, model: torch.nn.Module, optimizer, names: list[
     if _deepspeed(accelerator):
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+        if engine_name(accelerator) == "deepspeed-zero3":
+            raise EngineError("resuming under DeepSpeed ZeRO-3 is not supported (its optimizer state cannot be set "
+                              "from full tensors before a first step); resume the checkpoint under FSDP2 or ZeRO-2 "
+                              "with --force (recipes/accelerate/fsdp2.yaml): it holds full tensors")
         inner = inner_optimizer(optimizer)
+        if not inner.state:
+            _create_optimizer_state(optimizer)
+        saved_group = {key: value for key, value in optimizer_state["param_groups"][0].items() if key != "params"}
+        for group in inner.param_groups:  # the learning rate where the schedule was, the other settings as saved
+            group.update({key: value for key, value in saved_group.items() if key in group})
+        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
         for index, name in enumerate(names):
+            # The module's weight (gathered and partitioned again under ZeRO-3) and the optimizer's float32 copy.
+            with GatheredParameters([params[name]], modifier_rank=0), torch.no_grad():
+                params[name].data.copy_(adapter[name].to(params[name].device, params[name].dtype))
             safe_set_full_fp32_param(params[name], adapter[name].to(accelerator.device))
             for key in ("exp_avg", "exp_avg_sq"):
                 safe_set_full_optimizer_state(params[name], optimizer_state["state"][index][key].to(accelerator.device),
@@ -306,6 +320,32 @@ def load_full_state(accelerator, model: torch.nn.Module, optimizer, names: list[
         state[int(index)] = {key: local(value, param) if isinstance(value, Tensor) and value.dim() > 0 else value
                              for key, value in entry.items()}
     inner_optimizer(optimizer).load_state_dict({"state": state, "param_groups": optimizer_state["param_groups"]})
+
+
+def _create_optimizer_state(optimizer) -> None:
+    """Give DeepSpeed's optimizer the state a first step creates, so that a checkpoint's can be written into it.
+
+    AdamW creates its moments at its first step: one step with zero gradients and a learning rate of 0 creates
+    them without moving a parameter (the values are then overwritten), and DeepSpeed then links each
+    parameter's slice of them, as after any step.
+    """
+    inner = inner_optimizer(optimizer)
+    rates = [group["lr"] for group in inner.param_groups]
+    for group in inner.param_groups:
+        group["lr"] = 0.0
+        for param in group["params"]:
+            param.grad = torch.zeros_like(param)
+    inner.step()
+    for group, rate in zip(inner.param_groups, rates, strict=True):
+        group["lr"] = rate
+        for param in group["params"]:
+            param.grad = None
+    wrapper = optimizer
+    while hasattr(wrapper, "optimizer") and wrapper.optimizer is not inner:
+        wrapper = wrapper.optimizer
+    link = getattr(wrapper, "_lazy_init_hp_params_optimizer_state", None)  # ZeRO-1/2 link lazily
+    if link is not None:
+        link()
 
 
 def inner_optimizer(optimizer) -> torch.optim.Optimizer:

@@ -280,7 +280,7 @@ def test_two_machines_without_a_shared_disk_each_fill_their_own_caches(tmp_path,
 @pytest.mark.parametrize("config", ["deepspeed-zero2", "deepspeed-zero3"])
 def test_deepspeed_trains_as_one_process_and_saves_full_tensors(tmp_path, one_process, config):
     """ZeRO-2 splits the optimizer state and gradients; ZeRO-3 also the weights, and gathers the LM head for the
-    step (an external parameter of the step module). Both save what one process saves."""
+    step (an external parameter of the step module). Both save what one process saves; ZeRO-2 resumes from it."""
     pytest.importorskip("deepspeed")
     recipe = two_processes(tmp_path, one_process)
     result = torchrun([str(recipe)], config=config)
@@ -293,6 +293,12 @@ def test_deepspeed_trains_as_one_process_and_saves_full_tensors(tmp_path, one_pr
     assert optimizer_two.keys() == optimizer_one.keys()
     for key in optimizer_one:
         torch.testing.assert_close(optimizer_two[key], optimizer_one[key], rtol=1e-4, atol=1e-7, msg=key)
+    if config == "deepspeed-zero2":  # the full tensors go back into DeepSpeed's partitions: the same run
+        uninterrupted = {"adapter": adapter_weights(out / "adapter"), "metrics": comparable_metrics(out)}
+        resumed = torchrun([str(recipe), "--resume", str(out / "checkpoints" / "step-000002")], config=config)
+        assert_ran(resumed, "DeepSpeed ZeRO-2")
+        assert_same_adapter(adapter_weights(out / "adapter"), uninterrupted["adapter"], atol=1e-7)
+        assert comparable_metrics(out) == uninterrupted["metrics"]
 
 
 # ----------------------------------------------------------------------------------- what is refused
