@@ -158,8 +158,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from dpo.reference import ReferenceMismatchError
     from dpo.reward import GoldScorerError
     from dpo.train import CheckpointError
+    from dpo.train.engine import EngineError
 
-    return RecipeError, ModelError, DataError, CheckpointError, ReferenceMismatchError, WriteFailed, GoldScorerError
+    return (RecipeError, ModelError, DataError, CheckpointError, ReferenceMismatchError, WriteFailed, GoldScorerError,
+            EngineError)
 
 
 @contextmanager
@@ -220,12 +222,27 @@ def train_command(
     precompute_only: PrecomputeOpt = False,
     verify_reference: VerifyOpt = None,
     verbose: VerboseOpt = False,
+    processes: Annotated[int, typer.Option(
+        "--processes", min=1, metavar="N", help="With --dry-run: the memory plan per GPU of a run over N "
+        "processes (GPUs).")] = 1,
+    engine: Annotated[str | None, typer.Option(
+        "--engine", metavar="NAME", show_default=False, help="With --dry-run: the engine of that run, ddp, zero2, "
+        "fsdp2 or zero3 (default: ddp with --processes N > 1).")] = None,
 ) -> None:
     """Train a LoRA adapter with the recipe's task: a preference loss, a reward model, SFT, PPO or RLOO (the
     default command: `dpo-train RECIPE`).
 
-    `dpo-train --help` lists the other commands.
+    Under `accelerate launch` or `torchrun` it trains on every process, with the engine the launch chose
+    (DDP, FSDP2, DeepSpeed). `dpo-train --help` lists the other commands.
     """
+    from dpo.model.memory import ENGINES
+
+    if (processes != 1 or engine is not None) and not dry_run:
+        _fail("--processes and --engine only shape the --dry-run memory plan; a run's engine and process count "
+              "come from how it is launched (accelerate launch --config_file ..., torchrun)")
+    engine = engine or ("ddp" if processes > 1 else "single")
+    if engine not in ENGINES:
+        _fail(f"--engine {engine}: one of {', '.join(ENGINES)}")
     loaded = _load(recipe, _with_verify(set_, verify_reference))
     from dpo.train.console import RunConsole
 
@@ -233,7 +250,7 @@ def train_command(
         with _stopped_by_user(), RunConsole(typer.echo, verbose=verbose) as console:
             if dry_run:
                 dry_run_report(loaded, recipe_file=recipe, resume=resume, overwrite=overwrite, force=force,
-                               log=console.log)
+                               log=console.log, engine=engine, processes=processes)
                 return
             if precompute_only:
                 _precompute(loaded, console.log)
@@ -269,10 +286,12 @@ def cache_command(recipe: RecipeArg, set_: SetOpt = None, verify_reference: Veri
 
 
 def dry_run_report(recipe: Recipe, recipe_file: Path | None = None, resume: str | None = None,
-                   overwrite: bool = False, force: bool = False, log=typer.echo) -> None:
-    """Print the resolved recipe, what the data looks like once tokenized, the memory estimate and the plan
-    (steps, epochs, warmup, evaluations, checkpoints), after the checks a real run makes before training
-    (every input path, the output directory and its lock, the checkpoint to resume from, TensorBoard)."""
+                   overwrite: bool = False, force: bool = False, log=typer.echo, engine: str = "single",
+                   processes: int = 1) -> None:
+    """Print the resolved recipe, what the data looks like once tokenized, the memory plan (per GPU under
+    ``engine`` over ``processes`` GPUs) and the step plan (steps, epochs, warmup, evaluations, checkpoints),
+    after the checks a real run makes before training (every input path, the output directory and its lock,
+    the checkpoint to resume from, the trackers)."""
     from dpo.data import prepare_data
     from dpo.losses import get_loss
     from dpo.model import load_tokenizer
@@ -300,7 +319,7 @@ def dry_run_report(recipe: Recipe, recipe_file: Path | None = None, resume: str 
     log(data.stats.format())
     log(f"train examples: {len(data.train)}, eval examples: {len(data.eval)}")
     if recipe.task == "preference":
-        log(_memory_section(recipe, data.train))
+        log(_memory_section(recipe, data.train, engine, processes))
     if not paired and len(data.train):  # the run's own KTO check (dpo.train.setup.preference_setup)
         from dpo.data import kto_balance_warning
 
@@ -309,18 +328,18 @@ def dry_run_report(recipe: Recipe, recipe_file: Path | None = None, resume: str 
                                       options["undesirable_weight"])
         if warning:
             log(f"warning: {warning}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = processes if processes > 1 else int(os.environ.get("WORLD_SIZE", "1"))
     plan = plan_steps(len(data.train), recipe.train, drop_last=not paired, world=world, has_eval=len(data.eval) > 0)
     unit = "examples" if recipe.task == "sft" else "pairs" if paired else "rows"
     log(format_plan(plan, recipe.train, unit=unit))
     log("dry run: nothing was trained")
 
 
-def _memory_section(recipe: Recipe, train_rows) -> str:
+def _memory_section(recipe: Recipe, train_rows, engine: str = "single", processes: int = 1) -> str:
     from dpo.model import memory_report
 
     try:
-        return memory_report(recipe, train_rows)[0]
+        return memory_report(recipe, train_rows, engine=engine, processes=processes)[0]
     except (OSError, ValueError, TypeError) as exc:
         return f"# memory\n  no estimate: cannot read the model's config.json ({exc})"
 

@@ -144,3 +144,65 @@ def crash_at_micro_batch(monkeypatch, number: int) -> None:
         return real(policy, *args)
 
     monkeypatch.setattr(train_setup, "batch_loss", batch_loss)
+
+
+# ---------------------------------------------------------------------------------- several processes
+
+REPO = Path(__file__).resolve().parents[1]
+ACCELERATE_CONFIGS = REPO / "recipes" / "accelerate"
+
+
+def accelerate_env(config: Path, processes: int) -> dict[str, str]:
+    """The environment ``accelerate launch --config_file CONFIG --num_processes N`` gives the processes it
+    starts, computed by accelerate's own launcher code (so the example configs are what the tests run)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config), "--num_processes", str(processes),
+                                               "-m", "dpo.cli"])
+    args, defaults, _ = _validate_launch_command(args)
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config if defaults else [])
+        return prepare_deepspeed_cmd_env(args)[1]
+    return prepare_multi_gpu_env(args)
+
+
+def torchrun(args: list[str], *, config: str | None = None, processes: int = 2, nodes: tuple[int, int] | None = None,
+             port: int | None = None, env: dict[str, str] | None = None, background: bool = False):
+    """``torchrun ... -m dpo.cli ARGS`` on the CPU (gloo), with the environment of an example accelerate config
+    (``recipes/accelerate/CONFIG.yaml``; None: torchrun alone, which is DDP).
+
+    Args:
+        args: the dpo-train command line.
+        config: the config's name, e.g. "fsdp2".
+        processes: processes per node.
+        nodes: ``(node_rank, number of nodes)`` for a run over several simulated machines on this one
+            (rendezvous on 127.0.0.1:``port``); None for ``--standalone``.
+        port: the main process's port with ``nodes``.
+        env: more environment variables.
+        background: return the ``Popen`` instead of waiting.
+    """
+    import os
+    import subprocess
+    import sys
+
+    launch_env = accelerate_env(ACCELERATE_CONFIGS / f"{config}.yaml", processes) if config else {}
+    full_env = {**os.environ, **launch_env, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO),
+                **(env or {})}
+    full_env.pop("ACCELERATE_USE_CPU", None)  # dpo-train picks the CPU itself where there is no GPU
+    where = (["--standalone"] if nodes is None else
+             ["--nnodes", str(nodes[1]), "--node_rank", str(nodes[0]), "--master_addr", "127.0.0.1",
+              "--master_port", str(port)])
+    command = [sys.executable, "-m", "torch.distributed.run", *where, "--nproc_per_node", str(processes),
+               "-m", "dpo.cli", *args]
+    if background:
+        return subprocess.Popen(command, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=600)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -86,3 +86,13 @@ def test_throughput_bench_runs_every_mode_on_the_same_pairs_and_closes_with_the_
     positions = {mode: float(rows[mode][3].replace(",", "")) for mode in ("padded", "packed", "packed+prefix")}
     assert positions["packed+prefix"] < positions["packed"] < positions["padded"]
     assert re.fullmatch(r"packed\+prefix vs padded: \d+\.\d\dx pairs/s; vs TRL: n/a", out.strip().splitlines()[-1])
+
+
+def test_engines_table_gives_every_layout_and_shards_the_70b_base():
+    out = run_bench("engines.py", "--models", "Llama-3-8B", "Llama-3-70B")
+    rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| Llama")]
+    assert len(rows) == 2 * 8
+    peak = {(model.strip(), engine.strip(), int(gpus)): float(step) for model, engine, gpus, step, _ in rows}
+    assert peak[("Llama-3-70B", "FSDP2", 2)] < peak[("Llama-3-70B", "one process", 1)] / 1.5
+    assert peak[("Llama-3-70B", "FSDP2", 8)] < peak[("Llama-3-70B", "FSDP2", 4)] < peak[("Llama-3-70B", "FSDP2", 2)]
+    assert peak[("Llama-3-8B", "DDP", 2)] >= peak[("Llama-3-8B", "one process", 1)]  # the whole model on each GPU

@@ -50,3 +50,26 @@ def test_loss_recipe_shortened_improves_held_out_preference(tmp_path, path):
         # within +-0.15 of zero. 0.5 separates the two with room on both sides.
         assert last_train["rewards/desirable"] - last_train["rewards/undesirable"] > 0.5, last_train
         assert after["rewards/gap"] > 0.5, (before, after)
+
+
+ACCELERATE = sorted(Path("recipes/accelerate").glob("*.yaml"))
+ENGINE_ENV = {"ddp": {}, "fsdp2": {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+              "fsdp2-qlora": {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+              "deepspeed-zero2": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
+              "deepspeed-zero3": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}}
+
+
+@pytest.mark.parametrize("path", ACCELERATE, ids=[p.stem for p in ACCELERATE])
+def test_every_accelerate_config_launches_its_engine(path):
+    """accelerate's own launcher reads each example config into the environment of the processes it starts
+    (tests/train/test_engine.py trains under each of them)."""
+    from tests.helpers import accelerate_env
+
+    env = accelerate_env(path, 2)
+    assert ENGINE_ENV[path.stem].items() <= env.items()
+    assert env.get("ACCELERATE_MIXED_PRECISION") == "no"  # the recipe's dtypes hold
+    assert path.read_text().startswith("#")  # each config says what it is for and how to launch it
+
+
+def test_the_accelerate_configs_are_the_documented_ones():
+    assert {p.stem for p in ACCELERATE} == set(ENGINE_ENV)

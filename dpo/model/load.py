@@ -53,11 +53,16 @@ def load_tokenizer(config: ModelConfig, path: str | None = None, key: str = "mod
     return tokenizer
 
 
-def quantization_config(config: ModelConfig):
+def quantization_config(config: ModelConfig, shardable: bool = False):
     """A ``BitsAndBytesConfig`` for ``model.quantization``, or None for a full-precision base.
 
     No skip list is given, so transformers keeps its default: the output embeddings (the LM head, whatever
     the architecture calls it) and tied weights stay unquantized; :func:`load_base_model` checks that.
+
+    With ``shardable`` (the base will be sharded by FSDP) 4-bit codes are stored in tensors of
+    ``compute_dtype`` (``bnb_4bit_quant_storage``), the dtype of the other weights, so that FSDP flat-shards
+    them like any floating-point weight (its default ``uint8`` storage cannot survive the conversion to
+    sharded tensors). The codes and so every value computed are the same bytes either way.
     """
     q = config.quantization
     if q is None:
@@ -70,6 +75,7 @@ def quantization_config(config: ModelConfig):
             bnb_4bit_quant_type=q.quant_type,
             bnb_4bit_use_double_quant=q.double_quant,
             bnb_4bit_compute_dtype=_DTYPES[q.compute_dtype],
+            **({"bnb_4bit_quant_storage": _DTYPES[q.compute_dtype]} if shardable else {}),
         )
     return BitsAndBytesConfig(load_in_8bit=True)
 
@@ -80,13 +86,15 @@ def is_quantized(model: nn.Module) -> bool:
     return bool(getattr(lm, "is_loaded_in_4bit", False) or getattr(lm, "is_loaded_in_8bit", False))
 
 
-def from_pretrained_kwargs(config: ModelConfig, device: torch.device | str | None = None) -> dict:
+def from_pretrained_kwargs(config: ModelConfig, device: torch.device | str | None = None,
+                           shardable: bool = False) -> dict:
     """Keyword arguments for ``from_pretrained`` from the recipe's model section (dtype, remote code,
-    attention, and for a k-bit base its ``quantization_config`` placed on ``device``)."""
+    attention, and for a k-bit base its ``quantization_config`` placed on ``device``; ``shardable``: see
+    :func:`quantization_config`)."""
     kwargs = {"dtype": _DTYPES[config.dtype], "trust_remote_code": config.trust_remote_code}
     if config.attn_implementation is not None:
         kwargs["attn_implementation"] = config.attn_implementation
-    quant = quantization_config(config)
+    quant = quantization_config(config, shardable)
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["dtype"] = _DTYPES[config.quantization.compute_dtype]
@@ -95,20 +103,22 @@ def from_pretrained_kwargs(config: ModelConfig, device: torch.device | str | Non
     return kwargs
 
 
-def load_base_model(config: ModelConfig, path: str | None = None, device: torch.device | str | None = None):
+def load_base_model(config: ModelConfig, path: str | None = None, device: torch.device | str | None = None,
+                    shardable: bool = False):
     """Load a causal LM from a local directory (or hub id) through ``from_pretrained``.
 
     Args:
         config: the recipe's model section.
         path: load this path instead of ``config.path`` (a separate reference model).
         device: where to put the weights (quantized models are placed by bitsandbytes).
+        shardable: the base will be sharded by FSDP (4-bit storage, see :func:`quantization_config`).
     """
     from transformers import AutoModelForCausalLM
 
     source = path or config.path
     if config.trust_remote_code:
         print(f"model: trust_remote_code is ON for {source}: code from the model directory will run")
-    kwargs = from_pretrained_kwargs(config, device)
+    kwargs = from_pretrained_kwargs(config, device, shardable)
     quant = kwargs.get("quantization_config")
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)

@@ -130,7 +130,7 @@ class SequenceLogprobs(nn.Module):
     forward, so hooks registered on that model (an engine such as DDP, FSDP or DeepSpeed wraps a module and
     works through its forward) would not see a step. This module's forward is that step: the training
     step, evaluation and the reference precompute all go through it, so it is the object such an engine
-    wraps.
+    wraps (``accelerator.prepare``).
 
     Its parameters are the wrapped model's (``parameters()`` yields the same tensors), named with the
     prefix ``model.``; optimizer state and checkpoints name them by the wrapped model's own
@@ -138,6 +138,13 @@ class SequenceLogprobs(nn.Module):
 
     A packed batch runs through the packed path when ``packing`` says how the model takes it; a network
     that cannot (``packing`` None) gets the same sequences re-laid as a padded batch.
+
+    Under FSDP: what its transformer auto-wrap reads is forwarded from the wrapped model
+    (``_no_split_modules``: each decoder block becomes a unit; ``get_input_embeddings``: so does the input
+    embedding). The LM head stays in this module's own (root) unit, because the kernel reads its whole
+    ``[V, H]`` weight without calling the head's forward: the root's hooks gather it when this forward starts
+    and free it after the backward, so during a step every process holds the full head (``V * H`` values in
+    the model's dtype). A head tied to the input embedding keeps the embedding there too.
 
     Args:
         model: the policy (peft-wrapped or plain causal LM), or a reference network.
@@ -151,6 +158,17 @@ class SequenceLogprobs(nn.Module):
         self.model = model
         self.settings = settings
         self.packing = packing
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The model's block classes (e.g. ``LlamaDecoderLayer``), for an FSDP transformer auto-wrap."""
+        return list(getattr(causal_lm(self.model), "_no_split_modules", None) or [])
+
+    def get_input_embeddings(self) -> nn.Module | None:
+        """The input embedding, for an engine to shard as a unit of its own (None when the head shares it)."""
+        lm = causal_lm(self.model)
+        embedding = lm.get_input_embeddings()
+        return None if lm.get_output_embeddings().weight is embedding.weight else embedding
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Summed log-probs of each row's labelled tokens, and how many there are.

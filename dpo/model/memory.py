@@ -37,12 +37,26 @@ The peak is the larger of the end of the forward and the backward through the la
 persistent memory (weights, adapter, gradients, optimizer states). It does not count the CUDA context
 (about 0.5 GiB outside the allocator) or fragmentation, and paged optimizer states live in unified memory
 that ``torch.cuda.max_memory_allocated`` does not see.
+
+**Per GPU under an engine** (:func:`estimate_engine`; ``W`` processes, each with its own batch, so the
+activations are one process's):
+
+* ``ddp``: the whole model on every GPU, plus DDP's gradient buckets (a second copy of the adapter's gradients).
+* ``zero2`` (DeepSpeed ZeRO-2): the whole model; the optimizer states, a float32 copy of the adapter and the
+  reduced gradients split ``W`` ways.
+* ``fsdp2`` (FSDP2 ``fully_shard``): weights, adapter, gradients and optimizer states split ``W`` ways; gathered
+  in full while they run, the current decoder block and the next one (prefetched), and the LM head for the
+  whole step (it stays in the root unit: the log-prob kernel reads its whole weight); one block's gradients
+  in full until they are reduce-scattered.
+* ``fsdp2-offload`` (FSDP2 with ``fsdp_offload_params: true``): the shards live in host memory (the
+  optimizer steps there); the GPU holds what is gathered in full, one block's gradients and the activations.
+* ``zero3`` (DeepSpeed ZeRO-3): as ``fsdp2``, plus DeepSpeed's float32 partition of the adapter.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 GiB = 2**30
@@ -223,10 +237,13 @@ class MemoryEstimate:
     forward_peak: int
     backward_peak: int
     peak: int
+    gathered_weights: int = 0  # weights an engine that shards them holds in full during a step
+    engine_buffers: int = 0  # the engine's own copies (gradient buckets, float32 partitions)
 
     @property
     def persistent(self) -> int:
-        return self.quantized_weights + self.other_weights + self.lora_params + self.optimizer_states
+        return (self.quantized_weights + self.other_weights + self.lora_params + self.optimizer_states
+                + self.gathered_weights + self.engine_buffers)
 
     def format(self, batch: Batch, shape: ModelShape, plan: TrainingPlan) -> str:
         """A few aligned lines for the terminal."""
@@ -243,6 +260,10 @@ class MemoryEstimate:
             ("backward working set", self.backward_working_set),
             (f"log-prob chunk ({plan.logprob_impl})", self.logprob_workspace),
         ]
+        if self.gathered_weights:
+            rows.insert(2, ("gathered in full (head, 2 blocks)", self.gathered_weights))
+        if self.engine_buffers:
+            rows.insert(5, ("engine buffers", self.engine_buffers))
         lines = [f"  {name:<34}{format_bytes(value)}" for name, value in rows]
         lines += [
             f"  activations per token and layer: {per_token_layer / 1024:.1f} KiB without checkpointing, "
@@ -444,15 +465,78 @@ def estimate_step(shape: ModelShape, plan: TrainingPlan, batch: Batch) -> Memory
     )
 
 
-def estimate_no_grad_pass(shape: ModelShape, plan: TrainingPlan, batch: Batch) -> int:
+# Engines the memory plan knows (``--engine``), and what each shards.
+ENGINES = ("single", "ddp", "zero2", "fsdp2", "fsdp2-offload", "zero3")
+ENGINE_NAMES = {"single": "one process", "ddp": "DDP", "zero2": "DeepSpeed ZeRO-2", "fsdp2": "FSDP2",
+                "fsdp2-offload": "FSDP2 with the shards in host memory", "zero3": "DeepSpeed ZeRO-3"}
+SHARDING_ENGINES = ("fsdp2", "fsdp2-offload", "zero3")
+
+
+def _gathered(shape: ModelShape, plan: TrainingPlan, quantized: int, lora: int) -> int:
+    """What an engine that shards weights holds in full during a step: the LM head (the root unit's), the
+    running decoder block and the prefetched next one (their weights and adapters)."""
+    return shape.vocab * shape.hidden * plan.compute_bytes + 2 * ((quantized + lora) // shape.layers)
+
+
+def estimate_engine(shape: ModelShape, plan: TrainingPlan, batch: Batch, engine: str = "single",
+                    processes: int = 1) -> MemoryEstimate:
+    """Peak memory of one GPU in a training step under ``engine`` with ``processes`` processes, each running
+    ``batch`` (see the module docstring).
+
+    Raises:
+        ValueError: an engine not in :data:`ENGINES`.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r}: one of {', '.join(ENGINES)}")
+    step = estimate_step(shape, plan, batch)
+    if engine == "single":
+        return step
+    w = max(1, processes)
+    quantized, other, lora, grads, states = (step.quantized_weights, step.other_weights, step.lora_params,
+                                             step.lora_grads, step.optimizer_states)
+    gathered = buffers = 0
+    if engine == "ddp":
+        buffers = grads  # the gradient buckets DDP reduces, a second copy of the adapter's gradients
+    elif engine == "zero2":
+        states = math.ceil(states / w)
+        buffers = math.ceil(lora / w) + math.ceil(grads / w)  # float32 partition, reduced gradient partition
+    else:
+        gathered = _gathered(shape, plan, quantized, lora)
+        quantized, other, lora, states = (math.ceil(x / w) for x in (quantized, other, lora, states))
+        grads = math.ceil(grads / w) + step.lora_grads // shape.layers  # one block's, before reduce-scatter
+        if engine == "zero3":
+            buffers = lora  # DeepSpeed's float32 partition of the adapter
+        if engine == "fsdp2-offload":  # the shards, their gradients and the optimizer live in host memory
+            quantized = other = lora = states = 0
+            grads = step.lora_grads // shape.layers
+    persistent = quantized + other + lora + states + gathered + buffers
+    forward_peak = persistent + step.saved_activations + step.logprob_workspace
+    backward_peak = persistent + grads + step.saved_activations + max(
+        step.recompute + step.backward_working_set, step.logprob_workspace if plan.logprob_impl == "torch" else 0)
+    return replace(step, quantized_weights=quantized, other_weights=other, lora_params=lora, lora_grads=grads,
+                   optimizer_states=states, gathered_weights=gathered, engine_buffers=buffers,
+                   forward_peak=forward_peak, backward_peak=backward_peak, peak=max(forward_peak, backward_peak))
+
+
+def estimate_no_grad_pass(shape: ModelShape, plan: TrainingPlan, batch: Batch, engine: str = "single",
+                          processes: int = 1) -> int:
     """Peak of a forward without gradients (reference precompute, evaluation) on ``batch``.
 
     Weights, plus one layer's live tensors (residual, normed input, q/k/v and output, the MLP's four
-    intermediate tensors, a float32 adapter input) and the kernel's logits chunk.
+    intermediate tensors, a float32 adapter input) and the kernel's logits chunk. Under an engine that shards
+    the weights, each GPU's share of them and what is gathered in full (see :func:`estimate_engine`).
     """
     a = plan.compute_bytes
     quantized, other = weight_bytes(shape, plan)
     lora = LORA_BYTES * sum(lora_tensor_sizes(shape, plan))
+    if engine in SHARDING_ENGINES:
+        gathered = _gathered(shape, plan, quantized, lora)
+        if engine == "fsdp2-offload":  # the shards live in host memory
+            quantized = other = 0
+            lora = gathered
+        else:
+            w = max(1, processes)
+            quantized, other, lora = math.ceil(quantized / w), math.ceil(other / w), math.ceil(lora / w) + gathered
     per_position = (a * (4 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate)
                     + LORA_BYTES * shape.intermediate)
     mask = a * batch.tokens * batch.positions if batch.padded else 0
@@ -507,13 +591,16 @@ def device_memory_bytes() -> int | None:
     return torch.cuda.get_device_properties(0).total_memory
 
 
-def memory_report(recipe: Any, train_rows: Any, device_bytes: int | None = None) -> tuple[str, bool]:
+def memory_report(recipe: Any, train_rows: Any, device_bytes: int | None = None, engine: str = "single",
+                  processes: int = 1) -> tuple[str, bool]:
     """The ``--dry-run`` memory section for ``recipe`` and its tokenized training rows.
 
     Args:
         recipe: a :class:`dpo.recipe.Recipe`.
         train_rows: its tokenized training examples.
         device_bytes: the accelerator's memory; None to detect it.
+        engine: the engine of a multi-process run (:data:`ENGINES`); the estimate is per GPU.
+        processes: how many processes (GPUs) the run has.
 
     Returns:
         ``(text, fits)``: ``fits`` is False when the estimate exceeds ``model.max_memory_gb`` (or else the
@@ -527,10 +614,11 @@ def memory_report(recipe: Any, train_rows: Any, device_bytes: int | None = None)
     batch = longest_batch(train_rows, recipe.train.batch_size)
     if batch.rows == 0:
         return "# memory\n  no training examples to size a batch from", True
-    estimate = estimate_step(shape, plan, batch)
+    estimate = estimate_engine(shape, plan, batch, engine, processes)
     no_grad_batch = longest_batch(train_rows, recipe.reference.batch_size)
-    no_grad = estimate_no_grad_pass(shape, plan, no_grad_batch)
-    lines = [f"# memory (estimated peak on a CUDA device, {plan.weight_bits or plan.compute_dtype}"
+    no_grad = estimate_no_grad_pass(shape, plan, no_grad_batch, engine, processes)
+    where = "on a CUDA device" if engine == "single" else f"per GPU, {ENGINE_NAMES[engine]} over {processes} GPUs"
+    lines = [f"# memory (estimated peak {where}, {plan.weight_bits or plan.compute_dtype}"
              f"{'-bit' if plan.weight_bits else ''} base, LoRA r={plan.lora_r})",
              estimate.format(batch, shape, plan),
              f"  {'reference / eval pass (no grad)':<34}{format_bytes(no_grad)} "
@@ -551,11 +639,12 @@ def memory_report(recipe: Any, train_rows: Any, device_bytes: int | None = None)
     else:
         lines.append(f"warning: the estimated peak {format_bytes(worst).strip()} exceeds {format_bytes(budget).strip()} "
                      f"({source}); "
-                     + _advice(recipe, plan, estimate, no_grad))
+                     + _advice(recipe, plan, estimate, no_grad, engine, processes))
     return "\n".join(lines), fits
 
 
-def _advice(recipe: Any, plan: TrainingPlan, estimate: MemoryEstimate, no_grad: int) -> str:
+def _advice(recipe: Any, plan: TrainingPlan, estimate: MemoryEstimate, no_grad: int, engine: str = "single",
+            processes: int = 1) -> str:
     if no_grad > estimate.peak:
         return "lower reference.batch_size (the no-grad passes are the largest)"
     options = []
@@ -563,8 +652,13 @@ def _advice(recipe: Any, plan: TrainingPlan, estimate: MemoryEstimate, no_grad: 
         options.append("model.gradient_checkpointing: true")
     if plan.weight_bits is None:
         options.append("model.quantization: {bits: 4}")
-    if plan.optimizer == "adamw":
+    if plan.optimizer == "adamw" and engine in ("single", "ddp"):
         options.append("train.optimizer: adamw_8bit")
+    if engine in SHARDING_ENGINES:
+        options.append(f"more GPUs (--processes {2 * processes})")
+    elif estimate.quantized_weights + estimate.other_weights > estimate.peak // 2:
+        options.append("sharding the weights over several GPUs (--engine fsdp2 --processes N; "
+                       "recipes/accelerate/fsdp2.yaml)")
     options.append(f"a smaller train.batch_size (now {recipe.train.batch_size}) with more train.grad_accum")
     options.append(f"a shorter data.max_length (now {recipe.data.max_length})")
     return "try " + ", ".join(options)

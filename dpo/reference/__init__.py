@@ -4,7 +4,8 @@ Takes the recipe, the tokenized splits and (on a cache miss) a network to run: t
 adapter disabled, or a separate reference model. Hands on :class:`ReferenceLogps` per split, which the
 training step only looks up by example index (:func:`reference_logps`). What the cache key is made of
 lives in :mod:`dpo.reference.setup` and :mod:`dpo.reference.fingerprint`, the files in
-:mod:`dpo.reference.store`, the batched no-grad pass in :mod:`dpo.reference.compute`.
+:mod:`dpo.reference.store`, the batched no-grad pass in :mod:`dpo.reference.compute` (shared between the
+processes of a multi-process run: :mod:`dpo.reference.shard`).
 """
 
 from dpo.reference.compute import (
@@ -24,6 +25,7 @@ from dpo.reference.setup import (
     reference_keys,
     reference_logps,
 )
+from dpo.reference.shard import Processes, compute_sharded
 from dpo.reference.store import CacheFileError, ReferenceStore
 
 __all__ = [
@@ -32,11 +34,13 @@ __all__ = [
     "HashIndex",
     "IdentityError",
     "LogpFn",
+    "Processes",
     "ReferenceLogps",
     "ReferenceMismatchError",
     "ReferenceStore",
     "compute_and_store",
     "compute_reference_logps",
+    "compute_sharded",
     "folder_identity",
     "length_sorted_batches",
     "open_reference",

@@ -211,6 +211,8 @@ def compute_and_store(
     split: str,
     log: Log,
     checkpoint_every_s: float = 60.0,
+    processes=None,
+    write: bool = True,
 ) -> ReferenceLogps:
     """Compute one split's values (resuming from saved progress) and write the finished cache file.
 
@@ -222,6 +224,10 @@ def compute_and_store(
         split: "train" or "eval", for messages.
         log: where messages go.
         checkpoint_every_s: seconds between progress saves.
+        processes: a :class:`dpo.reference.shard.Processes` of several processes that share the work
+            (every one of them calls this); None or one process computes alone.
+        write: save progress and the finished file (the process that writes its machine's cache); otherwise
+            only compute and return the values.
     """
     count = len(rows)
     progress = store.load_partial(fingerprint, count)
@@ -230,11 +236,19 @@ def compute_and_store(
     if done:
         message += f", resuming after {2 * done} saved in {store.partial_path(fingerprint)}"
     log(message)
-    result = compute_reference_logps(
-        rows, collate, logp_fn, batch_size, device, f"reference ({split})", log,
-        progress=progress, checkpoint=lambda values: store.save_partial(fingerprint, values, parts),
-        checkpoint_every_s=checkpoint_every_s,
-    )
+    save_progress = (lambda values: store.save_partial(fingerprint, values, parts)) if write else None
+    if processes is not None and processes.world > 1:
+        from dpo.reference.shard import compute_sharded
+
+        result = compute_sharded(rows, collate, logp_fn, batch_size, processes, device, f"reference ({split})", log,
+                                 progress=progress, checkpoint=save_progress, checkpoint_every_s=checkpoint_every_s)
+    else:
+        result = compute_reference_logps(
+            rows, collate, logp_fn, batch_size, device, f"reference ({split})", log,
+            progress=progress, checkpoint=save_progress, checkpoint_every_s=checkpoint_every_s,
+        )
+    if not write:
+        return result
     if done < count:  # kept as progress first, so a failing final write (a full disk) loses nothing computed
         store.save_partial(fingerprint, StoredValues(result.tensors(), torch.ones(count, dtype=torch.bool)), parts)
     try:

@@ -58,6 +58,7 @@ from dpo.reference.compute import (
     reference_mismatches,
 )
 from dpo.reference.fingerprint import HashIndex, IdentityError, digest_of, folder_identity
+from dpo.reference.shard import Processes
 from dpo.reference.store import FORMAT_VERSION, ReferenceStore
 
 Log = Callable[[str], None]
@@ -130,14 +131,15 @@ def reference_keys(recipe: Recipe, data: PreparedData, index: HashIndex | None =
 
 @contextmanager
 def open_reference(recipe: Recipe, settings: LogprobSettings, device, policy=None, log: Log = print,
-                   policy_packing: PackedAttention | None = None) -> Iterator[LogpFn]:
+                   policy_packing: PackedAttention | None = None, step=None) -> Iterator[LogpFn]:
     """A ``logp_fn`` running the reference network; whatever it had to load is freed on exit.
 
     The network runs through :class:`dpo.model.SequenceLogprobs`, the training step's own forward. Without
     ``reference.model_path`` or ``reference.adapter`` the reference is the policy's base with its adapter
     disabled: ``policy`` when given (taking packed batches as ``policy_packing`` says), else one built here the
-    way the trainer builds it (the same numbers either way). A network loaded here gets its own packing check
-    (``train.packing``), logged.
+    way the trainer builds it (the same numbers either way). ``step`` is the run's step module around
+    ``policy`` as its engine prepared it: the pass then goes through it, so an engine that shards the model
+    runs the forward it set up. A network loaded here gets its own packing check (``train.packing``), logged.
     """
     reference = recipe.reference
     holder: dict[str, Any] = {}  # the only strong reference to the network, cleared on exit
@@ -149,18 +151,17 @@ def open_reference(recipe: Recipe, settings: LogprobSettings, device, policy=Non
     try:
         if reference.model_path is None and reference.adapter is None:
             if policy is None:
-                network = add_lora(load_base_model(recipe.model, device=device), recipe.lora,
-                                   recipe.model.gradient_checkpointing)
-                packing = packing_of(network)
+                holder["policy"] = add_lora(load_base_model(recipe.model, device=device), recipe.lora,
+                                            recipe.model.gradient_checkpointing)
+                packing = packing_of(holder["policy"])
             else:
-                network, packing = policy, policy_packing
-            holder["logprobs"] = SequenceLogprobs(network, settings, packing)
-            del network
-            was_training = holder["logprobs"].model.training
+                holder["policy"], packing = policy, policy_packing
+            holder["logprobs"] = step if step is not None else SequenceLogprobs(holder["policy"], settings, packing)
+            was_training = holder["logprobs"].training
             holder["logprobs"].eval()
 
             def adapter_off_logp_fn(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-                with holder["logprobs"].model.disable_adapter():
+                with holder["policy"].disable_adapter():
                     return holder["logprobs"](batch)
 
             try:
@@ -205,12 +206,18 @@ def _empty() -> ReferenceLogps:
 
 def reference_logps(recipe: Recipe, data: PreparedData, collate: Collate, settings: LogprobSettings, device,
                     log: Log, policy=None, checkpoint_every_s: float = 60.0,
-                    policy_packing: PackedAttention | None = None) -> tuple[ReferenceLogps, ReferenceLogps]:
+                    policy_packing: PackedAttention | None = None, *, step=None,
+                    processes: Processes | None = None) -> tuple[ReferenceLogps, ReferenceLogps]:
     """Reference log-probs of both splits through the cache: read on a hit, computed and written on a miss.
 
     Nothing is loaded or run for the reference when both splits hit (unless ``reference.verify`` asks for
     a check, which recomputes that many random examples and raises :class:`ReferenceMismatchError` if any
     differs beyond tolerance).
+
+    Several processes (every one of them calls this, with the same data): the first process of each machine
+    reads its machine's cache (several machines need not share a disk), the processes agree on which splits
+    any machine lacks, compute those together (:mod:`dpo.reference.shard`), and each machine's first process
+    that lacked a split writes it.
 
     Args:
         recipe: the run's recipe (model, reference and cache settings).
@@ -222,47 +229,80 @@ def reference_logps(recipe: Recipe, data: PreparedData, collate: Collate, settin
         policy: the peft policy, whose base (adapter disabled) is the default reference; None loads it on a miss.
         checkpoint_every_s: seconds between progress saves of a precompute.
         policy_packing: how ``policy`` takes packed batches (None: it does not).
+        step: the run's step module around ``policy``, as the engine prepared it (see :func:`open_reference`).
+        processes: the processes of a multi-process run; None for one process.
 
     Returns:
         ``(train, eval)`` reference values, on the CPU.
     """
+    processes = processes or Processes()
     store = reference_store(recipe)
-    keys = reference_keys(recipe, data, HashIndex(store.directory / HASH_INDEX_NAME))
+    index = HashIndex(store.directory / HASH_INDEX_NAME)
+    # Each machine's first process hashes the weight files (memoized beside the cache); the others then read
+    # its digests instead of hashing the same files again.
+    keys = reference_keys(recipe, data, index) if processes.local_main else None
+    processes.gather(None)
+    keys = keys or reference_keys(recipe, data, index)
     splits = {"train": data.train, "eval": data.eval}
-    results: dict[str, ReferenceLogps | None] = {}
-    for split, rows in splits.items():
-        results[split] = _empty() if len(rows) == 0 else load_cached(store, keys[split][0], len(rows), split, log)
-    missing = [split for split, value in results.items() if value is None]
-    hits = [split for split, value in results.items() if value is not None and len(value) > 0]
-    verify = recipe.reference.verify
-    if verify and not hits:
-        log("reference cache: nothing to verify (every value was computed in this run)")
-        verify = 0
+    results: dict[str, ReferenceLogps | None] = {split: _empty() for split, rows in splits.items() if len(rows) == 0}
+    writes: set[str] = set()
     with ExitStack() as locks:
-        # One writer per entry: a process that finds another computing it waits, then reads its file.
-        for split in list(missing):
-            locks.enter_context(store.lock(keys[split][0], log))
-            results[split] = load_cached(store, keys[split][0], len(splits[split]), split, log)
-            if results[split] is not None:
-                missing.remove(split)
+        if processes.local_main:
+            for split, rows in splits.items():
+                if split not in results:
+                    results[split] = load_cached(store, keys[split][0], len(rows), split, log)
+            # One writer per entry: a process that finds another computing it waits, then reads its file. Only
+            # the first process of a run waits: the others' machines may share its disk (and so its lock), and
+            # it cannot finish while they wait; one that finds the lock taken computes without writing.
+            for split in [s for s in splits if results.get(s) is None]:
+                lock = store.lock(keys[split][0], log, wait=processes.rank == 0)
+                if lock is None:
+                    log(f"reference cache: {store.path(keys[split][0])} is being written by another process; "
+                        "computing the values without writing them")
+                    continue
+                locks.enter_context(lock)
+                results[split] = load_cached(store, keys[split][0], len(splits[split]), split, log)
+                if results[split] is None:
+                    writes.add(split)
+        lacking = {split for part in processes.gather([s for s in splits if results.get(s) is None]
+                                                      if processes.local_main else []) for split in part}
+        missing = [split for split in splits if split in lacking]
+        for split in splits:
+            if split not in missing and results.get(split) is None:  # found by this machine's first process
+                results[split] = load_cached(store, keys[split][0], len(splits[split]), split, lambda _: None)
+                if results[split] is None:
+                    raise ReferenceMismatchError(f"reference cache: {store.path(keys[split][0])} vanished while "
+                                                 "this run was reading it; run again")
+        hits = [split for split in splits if split not in missing and len(results[split]) > 0]
+        verify = recipe.reference.verify
+        if verify and not hits:
+            log("reference cache: nothing to verify (every value was computed in this run)")
+            verify = 0
         if missing or verify:
-            with open_reference(recipe, settings, device, policy, log, policy_packing) as logp_fn:
+            with open_reference(recipe, settings, device, policy, log, policy_packing, step) as logp_fn:
                 for split in missing:
                     fingerprint, parts = keys[split]
                     results[split] = compute_and_store(store, fingerprint, parts, splits[split], collate, logp_fn,
                                                        recipe.reference.batch_size, device, split, log,
-                                                       checkpoint_every_s)
+                                                       checkpoint_every_s, processes, write=split in writes)
                 if verify:
                     verify_cached(recipe, {s: splits[s] for s in hits}, {s: results[s] for s in hits},
-                                  {s: store.path(keys[s][0]) for s in hits}, collate, logp_fn, device, verify, log)
+                                  {s: store.path(keys[s][0]) for s in hits}, collate, logp_fn, device, verify, log,
+                                  processes.gather)
     return results["train"], results["eval"]
 
 
 def verify_cached(recipe: Recipe, rows: dict[str, Any], cached: dict[str, ReferenceLogps], paths: dict[str, Path],
-                  collate: Collate, logp_fn: LogpFn, device, count: int, log: Log) -> None:
-    """Recompute ``count`` random cached examples and raise if any differs from its cached value."""
+                  collate: Collate, logp_fn: LogpFn, device, count: int, log: Log,
+                  gather: Callable[[Any], list] = lambda obj: [obj]) -> None:
+    """Recompute ``count`` random cached examples and raise if any differs from its cached value.
+
+    With several processes (``gather``), every one recomputes the examples the first one drew, so that
+    they run the same forwards.
+    """
     population = [(split, i) for split in cached for i in range(len(cached[split]))]
     chosen = random.Random(os.urandom(16)).sample(population, min(count, len(population)))
+    chosen = gather(chosen)[0]
     quantized = recipe.model.quantization is not None
     per_token = TOLERANCE_FLOAT32 if recipe.model.dtype == "float32" and not quantized else TOLERANCE_16BIT
     problems: list[str] = []
@@ -286,8 +326,16 @@ def verify_cached(recipe: Recipe, rows: dict[str, Any], cached: dict[str, Refere
         "reference model")
 
 
+def _quiet(message: str) -> None:
+    """The log of processes other than each machine's first."""
+
+
 def precompute_references(recipe: Recipe, log: Log = print) -> dict[str, Path]:
     """Fill the reference cache for a recipe without training (``dpo-train cache RECIPE``).
+
+    Started as several processes (``accelerate launch``, ``torchrun``), they share the pass: each runs the
+    whole model on its device and computes its share of the batches; each machine's first process writes that
+    machine's cache (and alone returns the paths).
 
     Returns:
         The cache file of each non-empty split (``{}`` for a loss that needs no reference).
@@ -299,13 +347,29 @@ def precompute_references(recipe: Recipe, log: Log = print) -> dict[str, Path]:
         what = f"task {recipe.task}" if recipe.task != "preference" else f"loss {recipe.loss.name}"
         log(f"{what} needs no reference log-probs: nothing to compute")
         return {}
+    from accelerate import PartialState
+
+    processes = Processes.launched()
+    state = PartialState()
+    if not processes.local_main:
+        log = _quiet
     tokenizer = load_tokenizer(recipe.model)
-    data = prepare_data(recipe.data, tokenizer, unpaired=not spec.paired, seed=recipe.train.seed, log=log)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with state.local_main_process_first():  # each machine's first process tokenizes; the others read its cache
+        data = prepare_data(recipe.data, tokenizer, unpaired=not spec.paired, seed=recipe.train.seed, log=log)
+    device = state.device if state.num_processes > 1 else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     collate = choose_collate(spec.paired, tokenizer.pad_token_id, recipe.train.packing, recipe.train.max_batch_tokens,
                              device)
     settings = LogprobSettings(recipe.train.logprob_impl, recipe.train.logprob_chunk_size)
-    reference_logps(recipe, data, collate, settings, device, log)
+    if processes.world > 1:
+        log(f"reference cache: {processes.world} processes share the precompute")
+    try:
+        reference_logps(recipe, data, collate, settings, device, log, processes=processes)
+    finally:
+        if processes.world > 1:
+            # A process that exits with its process group open is aborted by the collective library's threads.
+            state.destroy_process_group()
+    if not processes.local_main:
+        return {}
     store = reference_store(recipe)
     keys = reference_keys(recipe, data, HashIndex(store.directory / HASH_INDEX_NAME))  # digests memoized by now
     return {split: store.path(keys[split][0]) for split, rows in (("train", data.train), ("eval", data.eval))

@@ -29,7 +29,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from dpo.files import FileLock, describe_holder, writing
+from dpo.files import FileLock, LockHeld, describe_holder, writing
 
 FORMAT_NAME = "dpo-train reference log-probs"
 # Bump when the file layout or the meaning of a stored value changes: older files then miss, never mislead.
@@ -87,11 +87,18 @@ class ReferenceStore:
     def partial_path(self, fingerprint: str) -> Path:
         return self.directory / f"{fingerprint}.partial.safetensors"
 
-    def lock(self, fingerprint: str, log) -> FileLock:
-        """The writer lock of one entry, taken: waits (saying so) while another process computes it."""
+    def lock(self, fingerprint: str, log, wait: bool = True) -> FileLock | None:
+        """The writer lock of one entry, taken: waits (saying so) while another process computes it, or with
+        ``wait=False`` returns None at once when another process holds it."""
         with writing(self.directory, "reference cache"):
             self.directory.mkdir(parents=True, exist_ok=True)
-            return FileLock(self.directory / f"{fingerprint}.lock").acquire(wait=True, on_wait=lambda holder: log(
+            lock = FileLock(self.directory / f"{fingerprint}.lock")
+            if not wait:
+                try:
+                    return lock.acquire()
+                except LockHeld:
+                    return None
+            return lock.acquire(wait=True, on_wait=lambda holder: log(
                 f"reference cache: {self.path(fingerprint)} is being written by {describe_holder(holder)}; waiting "
                 "for it"))
 

@@ -51,16 +51,17 @@ def quiet_load_report():
         logging.set_verbosity(previous)
 
 
-def load_reward_base(config: ModelConfig, device: torch.device | str | None = None):
+def load_reward_base(config: ModelConfig, device: torch.device | str | None = None, shardable: bool = False):
     """The base model with a new one-output score head (``AutoModelForSequenceClassification``).
 
     Args:
         config: the recipe's model section (path, dtype, quantization as for the policy).
         device: where to put the weights (quantized models are placed by bitsandbytes).
+        shardable: the base will be sharded by FSDP (4-bit storage: see :func:`dpo.model.quantization_config`).
     """
     from transformers import AutoModelForSequenceClassification
 
-    kwargs = {**from_pretrained_kwargs(config, device), "num_labels": 1}
+    kwargs = {**from_pretrained_kwargs(config, device, shardable), "num_labels": 1}
     quant = kwargs.get("quantization_config")
     if quant is not None:
         quant.llm_int8_skip_modules = [HEAD]  # the head is trained in full precision, as the LM head is kept
@@ -160,6 +161,42 @@ def sequence_rewards(model: nn.Module, input_ids: Tensor, attention_mask: Tensor
     return score_head(model)(final).squeeze(-1).float()
 
 
+class SequenceRewards(nn.Module):
+    """A reward model's step as one module: ``forward(batch) -> rewards [R]`` float32, one per sequence.
+
+    The module an engine wraps for a reward model (``accelerate.prepare``), as :class:`dpo.model.SequenceLogprobs`
+    is for a policy: :func:`sequence_rewards` calls the trunk and the head directly, so hooks on the model's
+    own forward would not see a step. Its parameters are the model's, named with the prefix ``model.``; the
+    decoder blocks are forwarded as ``_no_split_modules`` for an FSDP transformer auto-wrap (the score head
+    stays with the root unit: it is small and trained).
+
+    A packed batch runs packed when ``packing`` says how the model takes it (each reward read at the last
+    token of its branch); otherwise it is re-laid as a padded batch.
+
+    Args:
+        model: the reward model (peft-wrapped or plain ``*ForSequenceClassification``).
+        packing: how the model takes a packed batch, or None (padded batches only).
+    """
+
+    def __init__(self, model: nn.Module, packing: PackedAttention | None = None):
+        super().__init__()
+        self.model = model
+        self.packing = packing
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return list(getattr(base, "_no_split_modules", None) or [])
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        """Rewards ``[R]`` of the sequences of ``batch``: its rows (``input_ids``, ``attention_mask`` ``[R, T]``,
+        right-padded), or the sequences of a packed batch."""
+        if is_packed(batch) and self.packing is not None:
+            return packed_sequence_rewards(self.model, batch, self.packing)
+        padded = unpack_to_padded(batch) if is_packed(batch) else batch
+        return sequence_rewards(self.model, padded["input_ids"], padded["attention_mask"])
+
+
 def bradley_terry_loss(chosen: Tensor, rejected: Tensor, margin: Tensor | None = None,
                        center_weight: float = 0.0) -> LossOutput:
     """Bradley–Terry loss of a reward model on B pairs, with an optional margin and reward centering.
@@ -220,11 +257,7 @@ def pair_rewards(model: nn.Module, batch: dict[str, Tensor],
 
     A packed batch runs packed when ``packing`` says how the model takes it, else re-laid as a padded one.
     """
-    if is_packed(batch) and packing is not None:
-        rewards = packed_sequence_rewards(model, batch, packing)
-    else:
-        padded = unpack_to_padded(batch) if is_packed(batch) else batch
-        rewards = sequence_rewards(model, padded["input_ids"], padded["attention_mask"])
+    rewards = SequenceRewards(model, packing)(batch)
     b = batch["index"].shape[0]
     return rewards[:b], rewards[b:]
 
@@ -234,6 +267,7 @@ class RewardParts:
     """What the training loop needs for a reward model (wrapped into the trainer's ``TrainSetup``)."""
 
     model: nn.Module
+    step_module: nn.Module
     tokenizer: object
     train_rows: object
     eval_rows: object
@@ -242,8 +276,11 @@ class RewardParts:
     fingerprints: dict[str, str]
 
 
-def reward_parts(recipe: Recipe, device, log: Callable[[str], None]) -> RewardParts:
-    """Data (with the margin column, if any), the reward model with a fresh adapter, and the BT loss."""
+def reward_parts(recipe: Recipe, device, log: Callable[[str], None], shardable: bool = False) -> RewardParts:
+    """Data (with the margin column, if any), the reward model with a fresh adapter, and the BT loss.
+
+    ``shardable``: the model will be sharded by FSDP (see :func:`load_reward_base`).
+    """
     from dpo.model import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model)
@@ -251,7 +288,7 @@ def reward_parts(recipe: Recipe, device, log: Callable[[str], None]) -> RewardPa
                         margin_column=recipe.reward.margin_column)
     train = recipe.train
     collate = choose_collate(True, tokenizer.pad_token_id, train.packing, train.max_batch_tokens, device)
-    base = load_reward_base(recipe.model, device=device)
+    base = load_reward_base(recipe.model, device=device, shardable=shardable)
     base.config.pad_token_id = tokenizer.pad_token_id
     model = add_reward_lora(base, recipe.lora, recipe.model.gradient_checkpointing, recipe.model.adapter)
     trunk_adapter = (f"the trunk's LoRA started from {recipe.model.adapter}" if recipe.model.adapter
@@ -260,12 +297,13 @@ def reward_parts(recipe: Recipe, device, log: Callable[[str], None]) -> RewardPa
     packing = resolve_packing(train.packing, model, recipe.data.max_length, device, log, what="the reward model")
     center_weight = recipe.reward.center_weight
 
-    def loss_fn(model, batch, split):
-        chosen, rejected = pair_rewards(model, batch, packing)
-        return bradley_terry_loss(chosen, rejected, batch.get("margin"), center_weight)
+    def loss_fn(step, batch, split):
+        rewards = step(batch)  # the step module (SequenceRewards, or the engine's wrapper around it)
+        b = batch["index"].shape[0]
+        return bradley_terry_loss(rewards[:b], rewards[b:], batch.get("margin"), center_weight)
 
     fingerprints = {"data.train": data.train_fingerprint, "data.eval": data.eval_fingerprint}
-    return RewardParts(model, tokenizer, data.train, data.eval, collate, loss_fn, fingerprints)
+    return RewardParts(model, SequenceRewards(model, packing), tokenizer, data.train, data.eval, collate, loss_fn, fingerprints)
 
 
 # --------------------------------------------------------------------------------------- trained runs

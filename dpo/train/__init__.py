@@ -2,8 +2,10 @@
 
 Takes a validated recipe. The task's setup (:mod:`dpo.train.setup`) builds the model, the step module
 whose forward the loop runs, the data, the loss and the batch source (the preference losses over cached
-reference log-probs, a reward model, SFT, or PPO/RLOO whose batches are rollouts, :mod:`dpo.online`); the loop (:mod:`dpo.train.loop`) runs the optimizer steps, evaluations and
-checkpoints, on one process or several (data parallel, :mod:`dpo.train.parallel`). Hands on the adapter,
+reference log-probs, a reward model, SFT, or PPO/RLOO whose batches are rollouts, :mod:`dpo.online`); the
+loop (:mod:`dpo.train.loop`) runs the optimizer steps, evaluations and checkpoints, on one process or several
+(under accelerate's DDP, FSDP2 or DeepSpeed, :mod:`dpo.train.engine`; what such a run does itself,
+:mod:`dpo.train.parallel`). Hands on the adapter,
 ``metrics.jsonl`` (:mod:`dpo.train.metric_log`), ``final_metrics.json`` and resumable checkpoints
 (:mod:`dpo.train.checkpoint`), into an output directory whose marker records every path written there and
 whose lock admits one run at a time (:mod:`dpo.train.output_dir`). What a run shows and leaves to read: the

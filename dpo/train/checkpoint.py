@@ -194,10 +194,12 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def run_record(recipe_tree: dict[str, Any], fingerprints: dict[str, str], num_processes: int) -> dict[str, Any]:
-    """What a checkpoint remembers about the run that wrote it (``run.json``)."""
+def run_record(recipe_tree: dict[str, Any], fingerprints: dict[str, str], num_processes: int,
+               engine: str = "single") -> dict[str, Any]:
+    """What a checkpoint remembers about the run that wrote it (``run.json``); ``engine`` is
+    :func:`dpo.train.engine.engine_name` (``single``, ``ddp``, ``fsdp2``, ``deepspeed-zeroN``)."""
     return {"recipe": recipe_tree, "fingerprints": dict(fingerprints), "num_processes": num_processes,
-            "versions": library_versions()}
+            "engine": engine, "versions": library_versions()}
 
 
 # ------------------------------------------------------------------------------------ RNG states
@@ -487,9 +489,8 @@ def rewind_metrics(path: Path, step: int, final: bool = False) -> int:
 # --------------------------------------------------------------------------------------- writing
 
 
-def _optimizer_files(optimizer, param_names: list[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def _optimizer_files(state_dict: dict[str, Any], param_names: list[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Split an optimizer's state dict into tensors (safetensors) and everything else (JSON)."""
-    state_dict = optimizer.state_dict()
     tensors: dict[str, Tensor] = {}
     values: dict[str, dict[str, Any]] = {}
     seen: set[int] = set()
@@ -581,7 +582,9 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 def save_checkpoint(directory: RunDirectory, loop: LoopState, *, model, optimizer, scheduler, scaler,
                     param_names: list[str], rng_states: list[dict[str, Any]], run: dict[str, Any],
-                    keep_last: int, log: Log, batch_state: dict[str, Tensor] | None = None) -> Path:
+                    keep_last: int, log: Log, batch_state: dict[str, Tensor] | None = None,
+                    adapter_state: dict[str, Tensor] | None = None, optimizer_state: dict[str, Any] | None = None
+                    ) -> Path:
     """Write a checkpoint of step ``loop.step`` atomically, then rotate to the ``keep_last`` newest.
 
     Every path is recorded in the directory's marker before it is written. A write that fails (a full
@@ -592,7 +595,7 @@ def save_checkpoint(directory: RunDirectory, loop: LoopState, *, model, optimize
         directory: the run's output directory.
         loop: the loop's position and counters.
         model: the peft model (its adapter is saved with ``save_pretrained``).
-        optimizer: its ``state_dict`` is saved as safetensors + JSON.
+        optimizer: its ``state_dict`` is saved as safetensors + JSON (unless ``optimizer_state`` is given).
         scheduler: learning-rate scheduler (``state_dict`` as JSON).
         scaler: the fp16 loss scaler, or None.
         param_names: names of the optimizer's parameters, in its order.
@@ -601,6 +604,9 @@ def save_checkpoint(directory: RunDirectory, loop: LoopState, *, model, optimize
         keep_last: how many complete checkpoints to keep.
         log: progress messages.
         batch_state: the batch source's tensors (written as ``batches.safetensors`` when not empty).
+        adapter_state: the trainable parameters as full tensors, by ``named_parameters()`` name (gathered from
+            an engine that shards them, :func:`dpo.train.engine.full_adapter`); None reads them from ``model``.
+        optimizer_state: the optimizer's state dict with full tensors (likewise); None asks ``optimizer``.
 
     Returns:
         The checkpoint folder.
@@ -615,7 +621,8 @@ def save_checkpoint(directory: RunDirectory, loop: LoopState, *, model, optimize
     temp_name, target_name = f"{CHECKPOINTS_DIR}/{TEMP_PREFIX}{name}", f"{CHECKPOINTS_DIR}/{name}"
     trash_name = f"{CHECKPOINTS_DIR}/{_TRASH_PREFIX}{name}"
     temp, target, trash = out_dir / temp_name, out_dir / target_name, out_dir / trash_name
-    tensors, meta = _optimizer_files(optimizer, param_names)
+    tensors, meta = _optimizer_files(optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+                                     param_names)
     payloads = {"optimizer.safetensors": safetensors_bytes(tensors), "optimizer.json": _json_bytes(meta, "optimizer.json"),
                 "scheduler.json": _json_bytes(scheduler.state_dict(), "scheduler.json")}
     if scaler is not None:
@@ -632,7 +639,7 @@ def save_checkpoint(directory: RunDirectory, loop: LoopState, *, model, optimize
     try:
         with writing(temp, "checkpoint", needed):
             temp.mkdir()
-            save_adapters(model, temp / "adapter")
+            save_adapters(model, temp / "adapter", adapter_state)
             for path in sorted((temp / "adapter").rglob("*")):
                 if path.is_file():
                     _sync_file(path)
@@ -794,36 +801,56 @@ def trained_adapters(model) -> list[str]:
     return names
 
 
-def save_adapters(model, folder: Path) -> None:
+def save_adapters(model, folder: Path, state_dict: dict[str, Tensor] | None = None) -> None:
     """Save the trained adapters of a peft model (``default`` in ``folder``, others in ``folder/NAME``); frozen
-    ones (an online task's reward or reference adapter) are read from where they came from instead."""
-    model.save_pretrained(folder, safe_serialization=True, selected_adapters=trained_adapters(model))
+    ones (an online task's reward or reference adapter) are read from where they came from instead.
+
+    ``state_dict``: the trainable parameters as full tensors by ``named_parameters()`` name (gathered from an
+    engine that shards them); None reads them from ``model``.
+    """
+    model.save_pretrained(folder, safe_serialization=True, selected_adapters=trained_adapters(model),
+                          **({"state_dict": state_dict} if state_dict is not None else {}))
 
 
-def _restore_adapters(model, directory: Path) -> None:
-    """Every trained adapter of ``model`` from a checkpoint's ``adapter/`` folder."""
+def adapter_names(model, adapter_name: str = "default") -> dict[str, str]:
+    """The keys of adapter ``adapter_name``'s file (peft's names, without the adapter's name) ->
+    ``named_parameters()`` names."""
+    from peft import get_peft_model_state_dict
+
+    params = dict(model.named_parameters())
+    by_id = {id(param): name for name, param in params.items()}
+    saved = get_peft_model_state_dict(model, state_dict=params, adapter_name=adapter_name)
+    return {key: by_id[id(param)] for key, param in saved.items()}
+
+
+def _read_adapters(model, directory: Path) -> dict[str, Tensor]:
+    """Every trained adapter of ``model`` from a checkpoint's ``adapter/`` folder, by parameter name."""
+    tensors: dict[str, Tensor] = {}
     for name in trained_adapters(model):
         folder = directory if name == "default" else directory / name
-        _restore_adapter(model, folder / "adapter_model.safetensors", name)
+        tensors.update(_read_adapter(model, folder / "adapter_model.safetensors", name))
+    return tensors
 
 
-def _restore_adapter(model, path: Path, adapter_name: str = "default") -> None:
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
+def _read_adapter(model, path: Path, adapter_name: str = "default") -> dict[str, Tensor]:
+    """The adapter file's tensors by parameter name, checked against ``model``'s adapter ``adapter_name``."""
     saved = _read_safetensors(path)
-    expected = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    if set(saved) != set(expected):
-        missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    names = adapter_names(model, adapter_name)
+    params = dict(model.named_parameters())
+    if set(saved) != set(names):
+        missing, extra = sorted(set(names) - set(saved)), sorted(set(saved) - set(names))
         raise CheckpointError(f"{path}: the adapter does not match this model's (missing: {missing[:3]}, "
                               f"unexpected: {extra[:3]}); the lora section or the model differs")
     for key, tensor in saved.items():
-        if tensor.shape != expected[key].shape:
-            raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, this model's "
-                                  f"{tuple(expected[key].shape)}; the lora section or the model differs")
-    set_peft_model_state_dict(model, saved, adapter_name=adapter_name)
+        shape = tuple(getattr(params[names[key]], "ds_shape", params[names[key]].shape))  # ZeRO-3: partitioned
+        if tuple(tensor.shape) != shape:
+            raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, this model's {shape}; the lora "
+                                  "section or the model differs")
+    return {names[key]: tensor for key, tensor in saved.items()}
 
 
-def _restore_optimizer(optimizer, directory: Path, param_names: list[str]) -> None:
+def _read_optimizer(directory: Path, param_names: list[str]) -> dict[str, Any]:
+    """The optimizer's state dict (``torch.optim.Optimizer.state_dict()`` layout) from its two files."""
     meta = _read_json(directory / "optimizer.json")
     if meta.get("param_names") != param_names:
         raise CheckpointError(f"{directory / 'optimizer.json'}: the optimizer state is for other parameters "
@@ -836,16 +863,58 @@ def _restore_optimizer(optimizer, directory: Path, param_names: list[str]) -> No
             entry.setdefault(name, {})[sub[0]] = tensor
         else:
             entry[name] = tensor
-    try:
-        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"{directory / 'optimizer.safetensors'}: does not fit the optimizer "
-                              f"train.optimizer builds ({exc})") from None
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def read_checkpoint_state(checkpoint: Checkpoint, model, param_names: list[str]) -> dict[str, Any]:
+    """Everything a verified checkpoint restores, read and checked against ``model``: ``adapter`` (full tensors
+    by parameter name), ``optimizer`` (state dict), ``scheduler``, ``scaler`` (or None), ``rng`` (one state per
+    process that wrote it), ``loop`` (:class:`LoopState` as a dict) and ``batches`` (the batch source's tensors,
+    see :class:`dpo.train.setup.BatchSource`; empty for the offline tasks).
+
+    Plain dicts, lists and tensors, so that the main process can send them to the others
+    (:func:`dpo.train.engine.broadcast`); nothing is loaded into the model here.
+    """
+    directory = checkpoint.path
+    scaler_path = directory / "scaler.json"
+    return {
+        "adapter": _read_adapters(model, directory / "adapter"),
+        "optimizer": _read_optimizer(directory, param_names),
+        "scheduler": _read_json(directory / "scheduler.json"),
+        "scaler": _read_json(scaler_path) if scaler_path.is_file() else None,
+        "rng": _read_json(directory / "rng.json").get("processes", []),
+        "loop": asdict(LoopState.from_dict(asdict(checkpoint.loop), str(directory / "state.json"))),
+        "batches": _read_safetensors(directory / BATCH_STATE) if (directory / BATCH_STATE).is_file() else {},
+    }
+
+
+def resume_state(state: dict[str, Any], checkpoint: Checkpoint, *, scheduler, scaler, process_index: int,
+                 force: bool = False, log: Log = print) -> LoopState:
+    """Restore the schedule, the loss scaler and this process's generators (last, so that the next draw
+    matches) from :func:`read_checkpoint_state`; returns the loop state to continue from.
+
+    A process the checkpoint holds no generator state for (it was written by fewer processes) keeps its
+    own under ``force``; otherwise that is an error.
+    """
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    processes = state["rng"]
+    if process_index < len(processes):
+        restore_rng(processes[process_index])
+    elif force:
+        log(f"warning: --force: {checkpoint.path / 'rng.json'} holds no generator state for process {process_index} "
+            f"({len(processes)} saved); it keeps its own")
+    else:
+        raise CheckpointError(f"{checkpoint.path / 'rng.json'}: no generator state for process {process_index} "
+                              f"({len(processes)} saved)")
+    return LoopState.from_dict(state["loop"], str(checkpoint.path / "state.json"))
 
 
 def restore_checkpoint(checkpoint: Checkpoint, *, model, optimizer, scheduler, scaler,
                        param_names: list[str], process_index: int, batches=None) -> LoopState:
-    """Load a verified checkpoint into the run's objects; the RNG states last, so the next draw matches.
+    """Load a verified checkpoint into one process's objects (nothing sharded); the RNG states last, so the
+    next draw matches.
 
     Args:
         batches: the run's batch source, given the checkpoint's ``batches.safetensors`` (see
@@ -854,21 +923,19 @@ def restore_checkpoint(checkpoint: Checkpoint, *, model, optimizer, scheduler, s
     Returns:
         The loop state to continue from.
     """
-    directory = checkpoint.path
-    _restore_adapters(model, directory / "adapter")
+    state = read_checkpoint_state(checkpoint, model, param_names)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in state["adapter"].items():
+            params[name].copy_(tensor)
     if batches is not None:
-        state_file = directory / BATCH_STATE
-        batches.load_state(_read_safetensors(state_file) if state_file.is_file() else {})
-    _restore_optimizer(optimizer, directory, param_names)
-    scheduler.load_state_dict(_read_json(directory / "scheduler.json"))
-    if scaler is not None:
-        scaler.load_state_dict(_read_json(directory / "scaler.json"))
-    processes = _read_json(directory / "rng.json").get("processes", [])
-    if process_index >= len(processes):
-        raise CheckpointError(f"{directory / 'rng.json'}: no generator state for process {process_index} "
-                              f"({len(processes)} saved)")
-    restore_rng(processes[process_index])
-    return LoopState.from_dict(asdict(checkpoint.loop), str(directory / "state.json"))
+        batches.load_state(state["batches"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{checkpoint.path / 'optimizer.safetensors'}: does not fit the optimizer "
+                              f"train.optimizer builds ({exc})") from None
+    return resume_state(state, checkpoint, scheduler=scheduler, scaler=scaler, process_index=process_index)
 
 
 # ----------------------------------------------------------------------------- resume agreement
@@ -915,6 +982,10 @@ def run_differences(saved_run: dict[str, Any], current_run: dict[str, Any]) -> l
     if saved_run.get("num_processes") != current_run["num_processes"]:
         lines.append(f"number of processes: {saved_run.get('num_processes')} in the checkpoint, "
                      f"{current_run['num_processes']} now")
+    # Checkpoints written before engines were recorded name none; their engine is not compared.
+    if "engine" in saved_run and saved_run["engine"] != current_run.get("engine"):
+        lines.append(f"engine: {saved_run['engine']} in the checkpoint, {current_run.get('engine')} now (the "
+                     "same updates, rounded differently)")
     return lines
 
 

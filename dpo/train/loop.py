@@ -26,9 +26,10 @@ from torch.utils.data import DataLoader
 
 from dpo.files import WriteFailed
 from dpo.recipe import Recipe, RecipeError, TrainConfig
-from dpo.reference import length_sorted_batches
+from dpo.reference import Processes, length_sorted_batches
 from dpo.train import curves
 from dpo.train.checkpoint import (
+    CheckpointError,
     LoopState,
     StopSignals,
     TooManyBadSteps,
@@ -38,8 +39,9 @@ from dpo.train.checkpoint import (
     find_checkpoint,
     latest_checkpoint,
     prepare_output_dir,
+    read_checkpoint_state,
     recipe_differences,
-    restore_checkpoint,
+    resume_state,
     rewind_metrics,
     run_differences,
     run_inputs,
@@ -49,9 +51,23 @@ from dpo.train.checkpoint import (
     version_notes,
 )
 from dpo.train.console import RunConsole, format_train_line
+from dpo.train.engine import (
+    broadcast,
+    build_accelerator,
+    describe_engine,
+    engine_name,
+    full_adapter,
+    full_optimizer_state,
+    gather_head_with_step,
+    inner_optimizer,
+    load_full_state,
+    no_grad_module,
+    place_quant_states,
+    shards_parameters,
+)
 from dpo.train.inputs import check_inputs
 from dpo.train.metric_log import MetricLog
-from dpo.train.parallel import average_gradients, broadcast_parameters, merge_sums, shard
+from dpo.train.parallel import lockstep, merge_sums, shard
 from dpo.train.plan import plan_steps, warmup_steps
 from dpo.train.run_files import RUN_README, model_card, run_readme, set_adapter_base
 from dpo.train.setup import SETUPS
@@ -60,8 +76,8 @@ from dpo.train.trackers import require_trackers
 Log = Callable[[str], None]
 Gather = Callable[[object], list]
 
-# How long the other processes of a multi-process run wait for the main one to prepare the data and fill
-# the reference cache (precompute it beforehand with `dpo-train cache` to not wait at all).
+# How long a process of a multi-process run waits for the others at a collective: the longest waits are for
+# one process's work alone (a machine's tokenizing, another run writing a reference cache entry this run needs).
 SETUP_TIMEOUT = timedelta(hours=6)
 
 
@@ -111,6 +127,16 @@ def build_optimizer(params: list[torch.nn.Parameter] | list[dict], train: TrainC
     return cls(params, lr=train.lr, weight_decay=train.weight_decay)
 
 
+def grad_norm(value) -> float:
+    """The gradient norm an engine reports as a float: a sharded engine's is a replicated tensor, DeepSpeed's
+    may be missing when it clips nothing (NaN)."""
+    if value is None:
+        return math.nan
+    if hasattr(value, "full_tensor"):
+        value = value.full_tensor()
+    return float(value)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int):
     from transformers import get_scheduler
 
@@ -120,19 +146,24 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_
 
 
 @torch.no_grad()
-def evaluate(model, loader: DataLoader, loss_fn, device, gather: Gather = lambda obj: [obj]) -> dict[str, float]:
+def evaluate(model, loader: DataLoader, loss_fn, device, gather: Gather = lambda obj: [obj],
+             counted: list[bool] | None = None) -> dict[str, float]:
     """Loss and metrics averaged over every example of ``loader`` (``model``, the step module, in eval mode:
     no dropout).
 
     In a multi-process run each process evaluates its share of the batches and ``gather`` (accelerate's
     ``gather_object``) brings every process's sums together, so all of them return the same means.
+    ``counted`` marks, per batch, whether it counts: False on a repeat that only keeps the processes' forwards
+    in step (:func:`dpo.train.parallel.lockstep`).
     """
     was_training = model.training
     model.eval()
     window = MetricWindow()
-    for batch in loader:
+    for position, batch in enumerate(loader):
         batch = {k: v.to(device) for k, v in batch.items()}
         out = loss_fn(model, batch, "eval")
+        if counted is not None and not counted[position]:
+            continue
         window.add({"loss": out.losses, **out.metrics})
     model.train(was_training)
     window = MetricWindow(*merge_sums(gather((window.sums, window.counts))))
@@ -197,21 +228,17 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
         TrainingInterrupted: SIGINT/SIGTERM; the current step was finished and a checkpoint written.
         TooManyBadSteps: ``train.max_bad_steps`` steps in a row were non-finite; the last good checkpoint stays.
 
-    Launched as several processes (``accelerate launch`` or ``torchrun``), each one takes its share of every
-    epoch's micro-batches (see :mod:`dpo.train.parallel`), so a step's batch is ``batch_size * grad_accum``
-    pairs per process; the main process prepares the data and the reference cache first, and alone writes
-    files.
+    Launched as several processes (``accelerate launch`` or ``torchrun``), the step module trains under the
+    engine the launch chose (DDP, FSDP2 or DeepSpeed: :mod:`dpo.train.engine`) and each process takes its
+    share of every epoch's micro-batches (see :mod:`dpo.train.parallel`), so a step's batch is
+    ``batch_size * grad_accum`` pairs per process; the processes of a machine share its tokenized-data cache,
+    all processes share the reference precompute, and the main process alone writes the output directory.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
     console = console if console is not None else RunConsole(log, verbose=True)
     log = console.log
     require_trackers(recipe.output)
     check_inputs(recipe)  # every path the run reads, before anything is created
-    accelerator = Accelerator(gradient_accumulation_steps=recipe.train.grad_accum,
-                              mixed_precision="fp16" if recipe.train.loss_scaler else "no",
-                              kwargs_handlers=[InitProcessGroupKwargs(timeout=SETUP_TIMEOUT)])
+    accelerator = build_accelerator(recipe, SETUP_TIMEOUT)
     out_dir, run_dir = Path(recipe.output.dir), None
     try:
         # 0. The output directory, checked and locked before anything slow (by the main process, which alone
@@ -242,7 +269,6 @@ def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume:
     from accelerate.utils import gather_object, set_seed
 
     log = console.log
-
     cfg = recipe.train
     out_dir = Path(recipe.output.dir)
     recipe_tree = yaml.safe_load(recipe.to_yaml())
@@ -251,25 +277,69 @@ def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume:
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     if not is_main:
         log = _quiet  # the main process says everything once
+    engine = engine_name(accelerator)
+    if world > 1:
+        log(f"engine: {describe_engine(accelerator)}")
+
+    def gather(obj) -> list:
+        return gather_object([obj]) if world > 1 else [obj]
 
     # 0. The checkpoint to resume from (the output directory is ready: see train), checked before anything slow.
+    # The main process reads it and the others get it from there: several machines need not share a disk.
     accelerator.wait_for_everyone()
-    checkpoint = find_checkpoint(out_dir, resume, log) if resume else None
-    if checkpoint is not None:
-        check_resume(recipe_differences(checkpoint.run, recipe_tree), checkpoint, force, log)
+    found = None
+    if is_main and resume:
+        try:
+            found = find_checkpoint(out_dir, resume, log)
+            if found is not None:
+                check_resume(recipe_differences(found.run, recipe_tree), found, force, log)
+        except CheckpointError as exc:
+            found = exc
+    found = broadcast(accelerator, found)
+    if isinstance(found, CheckpointError):
+        raise found
+    checkpoint = found
 
-    # 1. Data, model and loss for the recipe's task. The main process goes first: it fills the tokenized
-    # data and reference caches, which the others then read.
+    # 1. Data and model for the recipe's task, on every process at once: the processes of a machine share its
+    # tokenized-data cache (one tokenizes each split, the others wait for its entry and read it), and loading
+    # can itself be collective (DeepSpeed ZeRO-3 partitions each weight as it is created). A model the engine
+    # shards is loaded on the CPU: the engine moves each process's shard to its device.
+    sharded = shards_parameters(accelerator)
+    load_device = torch.device("cpu") if sharded else device
     try:
-        with accelerator.main_process_first():
-            setup = SETUPS[recipe.task](recipe, device, log)
+        setup = SETUPS[recipe.task](recipe, load_device, log, shardable=sharded)
     except BaseException:
         if is_main and checkpoint is None:
             run_dir.discard()  # a fresh run that could not load its inputs leaves nothing behind
         raise
-    model, step_module, loss_fn = setup.model, setup.step_module, setup.loss_fn
+    model, loss_fn = setup.model, setup.loss_fn
     set_adapter_base(model, recipe.model.path)  # adapter_config.json names the base by its absolute path
-    run = run_record(recipe_tree, setup.fingerprints, world)
+
+    # 2. Optimizer and engine. Parameter groups (one, unless the task trains parts at their own learning rate),
+    # in the optimizer's order. Every process starts from process 0's adapter: DDP and DeepSpeed send it when
+    # they wrap the module, FSDP shards each process's own copy, so it is sent here first.
+    groups = setup.param_groups([(name, p) for name, p in model.named_parameters() if p.requires_grad])
+    trainable = [named for members, _ in groups for named in members]
+    param_names, params = [name for name, _ in trainable], [p for _, p in trainable]
+    if engine == "fsdp2":
+        with torch.no_grad():
+            for param, value in zip(params, broadcast(accelerator, [p.detach().cpu() for p in params]), strict=True):
+                param.copy_(value)
+    optimizer = build_optimizer([{"params": [p for _, p in members], **options} for members, options in groups], cfg)
+    step_module, optimizer = accelerator.prepare(setup.step_module, optimizer)
+    gather_head_with_step(accelerator, step_module)
+    if sharded:
+        place_quant_states(model, device)
+    if world > 1:
+        set_seed(cfg.seed + rank)  # each process draws its own dropout masks
+    # Passes without gradients (evaluation, the reference) run through the step module itself unless the
+    # engine shards it; then every process runs as many forwards (dpo.train.parallel.lockstep).
+    no_grad_step = no_grad_module(accelerator, step_module)
+    processes = Processes(rank=rank, world=world, local_main=accelerator.is_local_main_process, gather=gather,
+                          lockstep=sharded)
+    if setup.references is not None:
+        setup.references(no_grad_step, processes)
+    run = run_record(recipe_tree, setup.fingerprints, world, engine)
     if checkpoint is not None:
         check_resume(run_differences(checkpoint.run, run), checkpoint, force, log)
         for note in version_notes(checkpoint.run, run):
@@ -279,16 +349,8 @@ def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume:
         run_dir.write_text(RUN_README, run_readme(recipe), "run README")
     metrics_path = out_dir / "metrics.jsonl"  # written through MetricLog, by the main process only
 
-    # 2. Optimizer, schedule, data order.
-    # Parameter groups (one, unless the task trains parts at their own learning rate), in the optimizer's order.
-    groups = setup.param_groups([(name, p) for name, p in model.named_parameters() if p.requires_grad])
-    trainable = [named for members, _ in groups for named in members]
-    param_names, params = [name for name, _ in trainable], [p for _, p in trainable]
-    if world > 1:
-        # Every process starts from process 0's adapter, and draws its own dropout masks.
-        broadcast_parameters(params)
-        set_seed(cfg.seed + rank)
-    # An epoch is a pass over the training rows, or an online task's rollout (see dpo.train.setup).
+    # The schedule and the data order. An epoch is a pass over the training rows, or an online task's rollout
+    # (see dpo.train.setup).
     plan = plan_steps(len(setup.train_rows), cfg, drop_last=setup.drop_last, world=world,
                       micro_batches=setup.batches.micro_batches(cfg.batch_size, world, log),
                       epochs=setup.batches.epochs(cfg.epochs))
@@ -296,41 +358,58 @@ def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume:
         log(f"note: {plan.micro_batches} micro-batches an epoch over {world} processes: the last {plan.left_out} "
             "of each epoch's shuffled order are left out, so every process takes as many")
     total_steps = plan.total_steps
-    optimizer = build_optimizer([{"params": [p for _, p in members], **options} for members, options in groups], cfg)
-    # Not handed to accelerate.prepare: its scheduler wrapper would step once per process, and the step module
-    # is not wrapped in DDP (see dpo.train.parallel).
-    scheduler = build_scheduler(optimizer, cfg, total_steps)
-    optimizer = accelerator.prepare(optimizer)
+    # Not handed to accelerate.prepare: its scheduler wrapper would step once per process. Built on the torch
+    # optimizer inside the engine's wrappers, whose parameter groups the engine steps.
+    scheduler = build_scheduler(inner_optimizer(optimizer), cfg, total_steps)
     # Evaluation batches the held-out rows exactly as the reference precompute does, so an untrained
     # policy reproduces the reference bit for bit (margins exactly 0, accuracy exactly chance). The
     # loader gets its own generator: each pass draws a seed, which must not come from the global one that
     # dropout uses (eval_every may change on resume without changing the result).
-    eval_batches = shard(length_sorted_batches(setup.eval_rows, recipe.reference.batch_size), rank, world,
-                         whole_rounds=False)
+    all_eval_batches = length_sorted_batches(setup.eval_rows, recipe.reference.batch_size)
+    eval_batches = (lockstep(all_eval_batches, rank, world) if sharded
+                    else [(batch, True) for batch in shard(all_eval_batches, rank, world, whole_rounds=False)])
     eval_loader = DataLoader(setup.eval_rows, collate_fn=setup.collate, generator=torch.Generator(),
-                             batch_sampler=eval_batches)
+                             batch_sampler=[batch for batch, _ in eval_batches])
+    eval_counted = [counted for _, counted in eval_batches]
     has_eval = len(setup.eval_rows) > 0
 
-    def gather(obj) -> list:
-        return gather_object([obj]) if world > 1 else [obj]
+    def run_eval() -> dict[str, float]:
+        return evaluate(no_grad_step, eval_loader, loss_fn, device, gather, eval_counted)
 
     def save(loop: LoopState) -> Path | None:
-        # The checkpoint holds the metric window of all processes, resumed by the main one alone.
+        # The checkpoint holds the metric window of all processes, resumed by the main one alone, and the
+        # adapter and optimizer state as full tensors, whatever the engine shards.
         loop.window_sums, loop.window_counts = merge_sums(gather((window.sums, window.counts)))
         rng_states = gather(capture_rng())
+        adapter_state = full_adapter(accelerator, model, param_names)
+        optimizer_state = full_optimizer_state(accelerator, model, optimizer, param_names)
         path = None
         if is_main:
             path = save_checkpoint(run_dir, loop, model=model, optimizer=optimizer, scheduler=scheduler,
                                    scaler=accelerator.scaler, param_names=param_names, rng_states=rng_states,
-                                   run=run, keep_last=cfg.keep_last, log=log, batch_state=setup.batches.state())
+                                   run=run, keep_last=cfg.keep_last, log=log, batch_state=setup.batches.state(),
+                                   adapter_state=adapter_state, optimizer_state=optimizer_state)
         accelerator.wait_for_everyone()
         return path
 
     # 3. Where to start: a checkpoint's state, or the untrained policy's held-out metrics.
     if checkpoint is not None:
-        loop = restore_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler,
-                                  scaler=accelerator.scaler, param_names=param_names, process_index=rank,
-                                  batches=setup.batches)
+        state = None
+        if is_main:
+            try:
+                state = read_checkpoint_state(checkpoint, model, param_names)
+            except CheckpointError as exc:
+                state = exc
+        state = broadcast(accelerator, state)
+        if isinstance(state, CheckpointError):
+            raise state
+        load_full_state(accelerator, model, optimizer, param_names, state["adapter"], state["optimizer"])
+        setup.batches.load_state(state["batches"])
+        loop = resume_state(state, checkpoint, scheduler=scheduler, scaler=accelerator.scaler, process_index=rank,
+                            force=force, log=log)
+        saved_world = checkpoint.run.get("num_processes", world)
+        if saved_world != world:  # --force: the same place in the epoch's order, counted in this run's shares
+            loop.micro_batch = loop.micro_batch * saved_world // world
         if not is_main:
             loop.window_sums, loop.window_counts = {}, {}
         if is_main and rewind_metrics(metrics_path, loop.step, final=loop.step >= total_steps):
@@ -344,7 +423,7 @@ def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume:
                            resumed_step=loop.step if checkpoint is not None else None,
                            project=recipe.output.project, config=recipe_tree)
     if checkpoint is None:
-        loop.eval_before = evaluate(step_module, eval_loader, loss_fn, device, gather) if has_eval else {}
+        loop.eval_before = run_eval() if has_eval else {}
         if loop.eval_before:
             log(describe_eval("before training", loop.eval_before))
             metric_log.write({"split": "eval", "step": 0, **loop.eval_before})
@@ -371,10 +450,9 @@ def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume:
                     loss = out.losses.mean()
                     step_losses.append(float(loss.detach()))
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        if world > 1:
-                            average_gradients(params)
-                        loop.grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
+                    if accelerator.sync_gradients:  # the engine has reduced the gradients of this step
+                        loop.grad_norm = grad_norm(accelerator.clip_grad_norm_(step_module.parameters(),
+                                                                               cfg.max_grad_norm or math.inf))
                         applied = all(map(math.isfinite, step_losses)) and math.isfinite(loop.grad_norm)
                         applied = all(gather(applied))  # a step is taken by every process or by none
                         if applied:
@@ -415,7 +493,7 @@ def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume:
                     window.reset()
                     tokens, window_start = 0, time.perf_counter()
                 if cfg.eval_every and loop.step % cfg.eval_every == 0 and loop.step < total_steps and has_eval:
-                    metrics = evaluate(step_module, eval_loader, loss_fn, device, gather)
+                    metrics = run_eval()
                     metric_log.write({"split": "eval", "step": loop.step, **metrics})
                     log(describe_eval(f"step {loop.step}", metrics))
                     if is_main:
@@ -444,7 +522,7 @@ def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume:
         last_checkpoint = save(loop)
 
     # 5. Held-out metrics after training, adapter and tokenizer.
-    after = evaluate(step_module, eval_loader, loss_fn, device, gather) if has_eval else {}
+    after = run_eval() if has_eval else {}
     if after:
         log(describe_eval("after training", after))
         metric_log.write({"split": "eval", "step": loop.step, **after})
@@ -453,9 +531,10 @@ def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume:
         curves.write_run_curves(run_dir, log)
     adapter_dir = out_dir / "adapter"
     summary = {"eval_before": loop.eval_before, "eval_after": after, "steps": loop.step, **setup.batches.summary()}
+    adapter_state = full_adapter(accelerator, model, param_names) if engine != "single" else None
     if is_main:
         def save_adapter(folder: Path) -> None:
-            save_adapters(model, folder)
+            save_adapters(model, folder, adapter_state)
             setup.tokenizer.save_pretrained(folder)
             # peft's README.md is a template to fill in; this one is filled in.
             (folder / "README.md").write_text(model_card(recipe, summary, setup.fingerprints, setup.headline),

@@ -1,22 +1,32 @@
-"""Data parallelism for the training loop: which micro-batches a process takes, and what processes share.
+"""What a multi-process run does itself; the engine does the rest.
 
-The step module (:class:`dpo.model.SequenceLogprobs`, whose forward is the log-prob path) is not wrapped
-in ``DistributedDataParallel``, though it could be: its hooks would see that forward. The trainable
-parameters are few (a LoRA adapter), so each process runs its own micro-batches and the gradients are
-averaged with one all-reduce per dtype at the optimizer step (not once per micro-batch, as DDP outside
-``no_sync`` would).
+The engine (accelerate's DDP, FSDP2 or DeepSpeed, see :mod:`dpo.train.engine`) wraps the step module and
+owns gradient synchronisation (once per optimizer step: under gradient accumulation the other micro-batches
+run inside ``accelerator.accumulate``'s ``no_sync``), parameter sharding and mixed precision. Three things
+stay here, because no engine does them:
 
-With ``W`` processes, process ``r`` takes micro-batches ``r, r + W, r + 2W, ...`` of the shared epoch
-order, so one round of ``W`` micro-batches in parallel gives the gradient that one process accumulating
-those ``W`` micro-batches (``grad_accum = W``) gives: the mean over micro-batches of each one's mean loss.
+* **The data order** (:func:`shard`). Every process rebuilds the epoch's shuffled micro-batches from
+  ``(seed, epoch)`` and takes its share, round robin. A data loader prepared by accelerate would shard as
+  well, but its position lives in the loader's and sampler's hidden state; rebuilding the order from a
+  checkpoint's (epoch, micro-batch) is what makes a resumed run exact, and what lets a run resume under
+  another process count (``--force``). With ``W`` processes, process ``r`` takes micro-batches
+  ``r, r + W, r + 2W, ...``, so one round of ``W`` micro-batches in parallel gives the gradient that one
+  process accumulating those ``W`` micro-batches (``grad_accum = W``) gives: the mean over micro-batches of
+  each one's mean loss.
+* **Merged metric windows** (:func:`merge_sums`). Engines reduce gradients, not metrics. A train record
+  averages every example that every process saw since the last record (not a mean of per-process means),
+  which takes their sums and counts.
+* **Forwards in step** (:func:`lockstep`). Under an engine that shards parameters (FSDP, DeepSpeed ZeRO-3)
+  every forward is a collective: each process gathers each layer's weights from the others. A pass without
+  gradients whose batches do not divide evenly (evaluation, the reference precompute) must still run the same
+  number of forwards on every process, so the short ones repeat a batch and discard its result.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TypeVar
-
-import torch
 
 T = TypeVar("T")
 
@@ -38,49 +48,20 @@ def shard(items: Sequence[T], rank: int, world: int, *, whole_rounds: bool) -> l
     return list(items[rank:usable:world])
 
 
-def _by_dtype(params: Sequence[torch.nn.Parameter]) -> list[list[torch.nn.Parameter]]:
-    """Parameters grouped by dtype (each group travels as one flat tensor), in a fixed order."""
-    groups: dict[torch.dtype, list[torch.nn.Parameter]] = {}
-    for param in params:
-        groups.setdefault(param.dtype, []).append(param)
-    return list(groups.values())
+def lockstep(items: Sequence[T], rank: int, world: int) -> list[tuple[T, bool]]:
+    """Process ``rank``'s share of ``items`` (every item once over all processes), padded so that every
+    process has ``ceil(len / world)`` entries: ``(item, counts)``, where ``counts`` is False on a padding entry
+    (a repeat of ``items[0]``, to run and discard).
 
-
-def _views(flat: torch.Tensor, group: Sequence[torch.nn.Parameter]) -> list[torch.Tensor]:
-    """``flat`` cut back into one view per parameter of ``group``, each of its parameter's shape."""
-    return [piece.view_as(p) for piece, p in zip(flat.split([p.numel() for p in group]), group, strict=True)]
-
-
-def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
-    """Replace each parameter's gradient with its mean over all processes (in place; one all-reduce per dtype).
-
-    A parameter without a gradient on this process counts as zero, so every process sends the same
-    layout (an adapter whose output a batch did not reach still takes part).
+    Args:
+        items: the shared order, the same on every process; padding needs at least one item.
+        rank: this process's index.
+        world: the number of processes.
     """
-    import torch.distributed as dist
-
-    world = dist.get_world_size()
-    for group in _by_dtype(params):
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= world
-        for param, values in zip(group, _views(flat, group), strict=True):
-            if param.grad is None:
-                param.grad = values.clone()
-            else:
-                param.grad.copy_(values)
-
-
-def broadcast_parameters(params: Sequence[torch.nn.Parameter]) -> None:
-    """Overwrite each parameter with process 0's values (in place; one broadcast per dtype)."""
-    import torch.distributed as dist
-
-    with torch.no_grad():
-        for group in _by_dtype(params):
-            flat = torch.cat([p.detach().reshape(-1) for p in group])
-            dist.broadcast(flat, src=0)
-            for param, values in zip(group, _views(flat, group), strict=True):
-                param.copy_(values)
+    own = [(item, True) for item in shard(items, rank, world, whole_rounds=False)]
+    if not items:
+        return own
+    return own + [(items[0], False)] * (math.ceil(len(items) / world) - len(own))
 
 
 def merge_sums(parts: Sequence[tuple[dict[str, float], dict[str, int]]]) -> tuple[dict[str, float], dict[str, int]]:

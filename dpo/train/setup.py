@@ -3,10 +3,11 @@
 A task's setup function (:data:`SETUPS`, by the recipe's ``task``) turns the recipe into a
 :class:`TrainSetup`; the loop (:mod:`dpo.train.loop`) reads nothing else. ``preference`` (the DPO family):
 data, the policy with a fresh adapter wrapped in the step module, reference log-probs computed once before
-training, and the registered loss, whose flags (needs a reference? paired?) it reads, never its name.
-``reward``: a Bradley–Terry reward model (:mod:`dpo.reward`), no reference pass. ``sft``: the same step
-module, the completion's negative log-prob per token. ``ppo`` and ``rloo``: online RL (:mod:`dpo.online`),
-whose batch source samples a rollout at the start of each of the loop's epochs.
+training (by the loop, through :attr:`TrainSetup.references`, once an engine has prepared the step module),
+and the registered loss, whose flags (needs a reference? paired?) it reads, never its name. ``reward``: a
+Bradley–Terry reward model (:mod:`dpo.reward`), no reference pass. ``sft``: the same step module, the
+completion's negative log-prob per token. ``ppo`` and ``rloo``: online RL (:mod:`dpo.online`), whose batch
+source samples a rollout at the start of each of the loop's epochs.
 
 The batch source is what makes one loop serve both: the offline tasks' :class:`RowBatches` cuts shuffled
 training rows into micro-batches; an online task's source runs its rollout phase and hands back that
@@ -37,7 +38,7 @@ from dpo.model import (
     resolve_packing,
 )
 from dpo.recipe import Recipe
-from dpo.reference import ReferenceLogps
+from dpo.reference import Processes, ReferenceLogps
 from dpo.reference import reference_logps as cached_reference_logps
 from dpo.train.checkpoint import tensor_fingerprint
 from dpo.train.parallel import shard
@@ -133,10 +134,10 @@ class TrainSetup:
     Attributes:
         model: the trainable model (a peft model; only adapter parameters require grad). The optimizer and
             checkpoints name its parameters by its own ``named_parameters()``; it is saved as the adapter.
-        step_module: the module the loop runs (train and eval mode, the model handed to ``loss_fn``): its
-            forward computes what the loss needs from a batch, through ``model``'s parameters. For the
-            preference losses a :class:`dpo.model.SequenceLogprobs` around ``model``; for a reward model the
-            model itself.
+        step_module: the module the loop runs and an engine wraps (train and eval mode, the model handed to
+            ``loss_fn``): its forward computes what the loss needs from a batch, through ``model``'s parameters.
+            For the preference losses a :class:`dpo.model.SequenceLogprobs` around ``model``; for a reward model
+            a :class:`dpo.reward.SequenceRewards`.
         tokenizer: saved beside the adapter.
         train_rows: tokenized training examples.
         eval_rows: tokenized held-out examples.
@@ -152,6 +153,11 @@ class TrainSetup:
         batch_size, seed: ``train.batch_size`` and ``train.seed``, for the default batch source.
         lr_of: the learning rate of a trainable parameter by name, or None for ``train.lr`` (an online task's
             value head learns at ``online.value_lr``).
+        references: the reference pass, ``(step, processes) -> None``, or None when the task needs none. The
+            loop calls it once, before the first step, with the step module as the engine prepared it (the
+            pass goes through its forward with the adapter disabled) and a
+            :class:`dpo.reference.Processes` (the processes share the pass); it fills the values
+            ``loss_fn`` looks up and adds their fingerprints.
     """
 
     model: torch.nn.Module
@@ -168,6 +174,7 @@ class TrainSetup:
     batch_size: int = 1
     seed: int = 0
     lr_of: Callable[[str], float | None] | None = None
+    references: Callable[[torch.nn.Module, Processes], None] | None = None
 
     def __post_init__(self) -> None:
         if self.batches is None:
@@ -183,8 +190,11 @@ class TrainSetup:
         return [(members, {} if lr is None else {"lr": lr}) for lr, members in groups.items()]
 
 
-def preference_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
-    """DPO-family training: data, policy with a fresh adapter, reference log-probs, registered loss."""
+def preference_setup(recipe: Recipe, device, log: Log, shardable: bool = False) -> TrainSetup:
+    """DPO-family training: data, policy with a fresh adapter, reference log-probs, registered loss.
+
+    ``shardable``: the model will be sharded by FSDP (see :func:`dpo.model.quantization_config`).
+    """
     cfg = recipe.train
     spec = get_loss(recipe.loss.name)
     options = recipe.loss.options()
@@ -199,20 +209,19 @@ def preference_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
         if warning:
             log(f"warning: {warning}")
     collate = choose_collate(spec.paired, tokenizer.pad_token_id, cfg.packing, cfg.max_batch_tokens, device)
-    base = load_base_model(recipe.model, device=device)
+    base = load_base_model(recipe.model, device=device, shardable=shardable)
     policy = add_lora(base, recipe.lora, recipe.model.gradient_checkpointing, recipe.model.adapter)
     settings = LogprobSettings(cfg.logprob_impl, cfg.logprob_chunk_size)
     packing = resolve_packing(cfg.packing, policy, recipe.data.max_length, device, log)
-    # Reference log-probs, once, before any training step; the step only looks them up.
-    reference_train = reference_eval = None
-    if spec.needs_reference:
-        reference_train, reference_eval = compute_references(recipe, policy, data, collate, settings, device, log,
-                                                             packing)
-
-    references = {"train": reference_train, "eval": reference_eval}
+    references: dict[str, ReferenceLogps | None] = {"train": None, "eval": None}
     fingerprints = {"data.train": data.train_fingerprint, "data.eval": data.eval_fingerprint}
-    for split, values in references.items():
-        if values is not None:
+
+    def fill_references(step: torch.nn.Module, processes: Processes) -> None:
+        # Reference log-probs, once, before any training step; the step only looks them up.
+        references["train"], references["eval"] = compute_references(recipe, policy, data, collate, settings,
+                                                                     device, log, step=step, processes=processes,
+                                                                     packing=packing)
+        for split, values in references.items():
             fingerprints[f"reference.{split}"] = tensor_fingerprint(values.first, values.second,
                                                                     values.first_tokens, values.second_tokens)
 
@@ -223,20 +232,21 @@ def preference_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
                 else ("rewards/gap", "held-out reward gap, desirable minus undesirable"))
     return TrainSetup(policy, SequenceLogprobs(policy, settings, packing), tokenizer, data.train, data.eval, collate,
                       loss_fn, headline, drop_last=not spec.paired, fingerprints=fingerprints,
-                      batch_size=cfg.batch_size, seed=cfg.seed)
+                      batch_size=cfg.batch_size, seed=cfg.seed,
+                      references=fill_references if spec.needs_reference else None)
 
 
-def reward_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
+def reward_setup(recipe: Recipe, device, log: Log, shardable: bool = False) -> TrainSetup:
     """Bradley–Terry reward model on the same pairs (see :mod:`dpo.reward`); no reference pass."""
     from dpo.reward import reward_parts
 
-    parts = reward_parts(recipe, device, log)
-    return TrainSetup(parts.model, parts.model, parts.tokenizer, parts.train_rows, parts.eval_rows, parts.collate,
-                      parts.loss_fn, headline=("rewards/accuracies", "held-out reward-model accuracy"),
+    parts = reward_parts(recipe, device, log, shardable)
+    return TrainSetup(parts.model, parts.step_module, parts.tokenizer, parts.train_rows, parts.eval_rows,
+                      parts.collate, parts.loss_fn, headline=("rewards/accuracies", "held-out reward-model accuracy"),
                       fingerprints=parts.fingerprints, batch_size=recipe.train.batch_size, seed=recipe.train.seed)
 
 
-def sft_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
+def sft_setup(recipe: Recipe, device, log: Log, shardable: bool = False) -> TrainSetup:
     """Supervised fine-tuning: the chosen side of each pair (or each demonstration, or each desirable
     unpaired row) under the policy's step module; the loss is the completion's negative log-prob per token."""
     cfg = recipe.train
@@ -246,7 +256,7 @@ def sft_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
     if len(train_rows) == 0:
         raise ValueError(f"data.train: no usable training examples in {recipe.data.train}")
     collate = partial(collate_completions, pad_token_id=tokenizer.pad_token_id)
-    base = load_base_model(recipe.model, device=device)
+    base = load_base_model(recipe.model, device=device, shardable=shardable)
     policy = add_lora(base, recipe.lora, recipe.model.gradient_checkpointing, recipe.model.adapter)
     settings = LogprobSettings(cfg.logprob_impl, cfg.logprob_chunk_size)
 
@@ -287,8 +297,9 @@ def sft_loss(logps: Tensor, counts: Tensor) -> LossOutput:
     return LossOutput(losses, metrics)
 
 
-def online_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
-    """PPO or RLOO against a reward model (see :mod:`dpo.online`): every role on one base, rollouts as batches."""
+def online_setup(recipe: Recipe, device, log: Log, shardable: bool = False) -> TrainSetup:
+    """PPO or RLOO against a reward model (see :mod:`dpo.online`): every role on one base, rollouts as batches.
+    Runs in one process (its batch source refuses more), so ``shardable`` is never set."""
     from dpo.online import online_parts
 
     parts = online_parts(recipe, device, log)
@@ -298,7 +309,8 @@ def online_setup(recipe: Recipe, device, log: Log) -> TrainSetup:
 
 
 # The setup function of each recipe task.
-SETUPS: dict[str, Callable[[Recipe, Any, Log], TrainSetup]] = {
+# ``(recipe, device, log, shardable) -> TrainSetup``; ``shardable``: an engine will shard the model (FSDP).
+SETUPS: dict[str, Callable[..., TrainSetup]] = {
     "preference": preference_setup,
     "reward": reward_setup,
     "sft": sft_setup,
@@ -330,11 +342,13 @@ def batch_loss(logprobs: SequenceLogprobs, batch: dict[str, Tensor], spec: LossS
     return spec.compute(policy_logps, reference_logps, options)
 
 
-def compute_references(recipe: Recipe, policy, data, collate, settings: LogprobSettings, device, log: Log,
+def compute_references(recipe: Recipe, policy, data, collate, settings: LogprobSettings, device, log: Log, *,
+                       step: torch.nn.Module | None = None, processes: Processes | None = None,
                        packing: PackedAttention | None = None) -> tuple[ReferenceLogps, ReferenceLogps]:
     """Reference log-probs for both splits through the on-disk cache (``dpo.reference.setup``): read on a
     hit, without loading or running anything; computed on a miss by a separate model if the recipe names
-    one (loaded only meanwhile), else by the policy's base with the adapter disabled (taking packed batches
-    as the policy does, ``packing``)."""
-    return cached_reference_logps(recipe, data, collate, settings, device, log, policy=policy,
-                                  policy_packing=packing)
+    one (loaded only meanwhile), else by the policy's base with the adapter disabled (through ``step``, the
+    step module as the engine prepared it, taking packed batches as the policy does, ``packing``), shared
+    between ``processes``."""
+    return cached_reference_logps(recipe, data, collate, settings, device, log, policy=policy, step=step,
+                                  processes=processes, policy_packing=packing)

@@ -153,6 +153,20 @@ def test_a_quantized_head_is_refused(tmp_path, monkeypatch):
     config = ModelConfig(path=str(tmp_path), quantization={"bits": 4})
     assert torch.is_floating_point(load_base_model(config, device="cpu").get_output_embeddings().weight)
     monkeypatch.setattr(model_module, "quantization_config",
-                        lambda _: BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=[]))
+                        lambda *_: BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=[]))
     with pytest.raises(ModelError, match="LM head was quantized"):
         load_base_model(config, device="cpu")
+
+
+def test_shardable_4bit_storage_holds_the_same_codes_and_computes_the_same_values(tmp_path):
+    """Under FSDP the 4-bit codes are stored in compute-dtype tensors (so they flat-shard): the same bytes, so
+    the same log-probs, bit for bit."""
+    recipe = load_recipe(qlora_recipe(tmp_path))
+    default = load_base_model(recipe.model, device="cpu")
+    shardable = load_base_model(recipe.model, device="cpu", shardable=True)
+    weight = shardable.model.layers[0].self_attn.q_proj.weight
+    assert weight.dtype == torch.float32  # the compute dtype (uint8 by default)
+    reference = default.model.layers[0].self_attn.q_proj.weight
+    assert reference.dtype == torch.uint8
+    assert torch.equal(weight.data.view(torch.uint8).reshape(-1), reference.data.reshape(-1))
+    assert mean_eval_logps(shardable, recipe) == mean_eval_logps(default, recipe)

@@ -12,6 +12,7 @@ from dpo.model.memory import (
     GiB,
     ModelShape,
     TrainingPlan,
+    estimate_engine,
     estimate_no_grad_pass,
     estimate_step,
     longest_batch,
@@ -106,6 +107,35 @@ def test_no_grad_pass_by_hand():
     # Weights and adapter, one layer's live tensors 2 x (4 x 16 + 2 x 8 + 4 x 32) + 4 x 32 = 544 a position,
     # and a float32 [8, 100] logits chunk.
     assert estimate_no_grad_pass(SHAPE, PLAN, BATCH) == 17664 + 6560 + 4096 + 544 * 20 + 4 * 8 * 100
+
+
+def test_engines_by_hand():
+    """Per GPU: DDP adds its gradient buckets; ZeRO-2 splits the optimizer; FSDP2 splits weights, adapter,
+    gradients and optimizer, and holds the head and two blocks in full; offloaded, only what is gathered."""
+    step = estimate_step(SHAPE, PLAN, BATCH)  # persistent 36512, peak 96130 (test_activations_and_peak_by_hand)
+    assert estimate_engine(SHAPE, PLAN, BATCH, "single", 4) == step
+    ddp = estimate_engine(SHAPE, PLAN, BATCH, "ddp", 2)
+    assert ddp.engine_buffers == 4096 and ddp.peak == step.peak + 4096
+    zero2 = estimate_engine(SHAPE, PLAN, BATCH, "zero2", 2)
+    assert zero2.optimizer_states == 4096 and zero2.engine_buffers == 2048 + 2048
+    assert zero2.peak == step.peak - 4096 + 4096
+    fsdp = estimate_engine(SHAPE, PLAN, BATCH, "fsdp2", 2)
+    # The head [100, 16] in bf16, and two blocks of (quantized + adapter) / 2 layers = (17664 + 4096) / 2.
+    assert fsdp.gathered_weights == 100 * 16 * 2 + 2 * 10880 == 24960
+    assert (fsdp.quantized_weights, fsdp.other_weights, fsdp.lora_params, fsdp.optimizer_states) == (
+        8832, 3280, 2048, 4096)
+    assert fsdp.lora_grads == 2048 + 2048  # its share, and one block's in full before reduce-scatter
+    persistent = 8832 + 3280 + 2048 + 4096 + 24960
+    assert fsdp.backward_peak == persistent + 4096 + 42466 + max(8704, 13056)
+    assert estimate_engine(SHAPE, PLAN, BATCH, "zero3", 2).peak == fsdp.peak + 2048
+    offload = estimate_engine(SHAPE, PLAN, BATCH, "fsdp2-offload", 2)
+    assert offload.persistent == 24960 and offload.peak == 24960 + 2048 + 42466 + 13056
+    # More processes, smaller shares; the activations are each process's own batch.
+    assert estimate_engine(SHAPE, PLAN, BATCH, "fsdp2", 4).peak < fsdp.peak
+    assert estimate_no_grad_pass(SHAPE, PLAN, BATCH, "fsdp2", 2) == (
+        estimate_no_grad_pass(SHAPE, PLAN, BATCH) - (17664 + 6560 + 4096) + (8832 + 3280 + 2048 + 24960))
+    with pytest.raises(ValueError, match="one of single, ddp"):
+        estimate_engine(SHAPE, PLAN, BATCH, "fsdp1", 2)
 
 
 def test_llama3_8b_qlora_is_in_the_expected_range():
@@ -310,3 +340,15 @@ def test_dry_run_prints_the_memory_plan_and_warns(tmp_path, capsys):
     assert "batch of 8 rows" in out  # 4 pairs, two rows each
     assert "warning: the estimated peak" in out and "(model.max_memory_gb)" in out
     assert not (tmp_path / "out").exists()
+
+    # The plan per GPU of a sharded run, and the advice that fits it.
+    main([str(recipe), "--dry-run", "--set", "model.max_memory_gb=0.0001", "--set", "reference.batch_size=1",
+          "--engine", "fsdp2", "--processes", "2"])
+    out = capsys.readouterr().out
+    assert "# memory (estimated peak per GPU, FSDP2 over 2 GPUs, 4-bit base, LoRA r=16)" in out
+    assert "gathered in full (head, 2 blocks)" in out and "more GPUs (--processes 4)" in out
+    assert "adamw_8bit" not in out.split("# memory")[1]  # refused under FSDP: not advised
+    # Outside a dry run the launch decides the engine.
+    with pytest.raises(SystemExit):
+        main([str(recipe), "--processes", "2"])
+    assert "only shape the --dry-run memory plan" in capsys.readouterr().err

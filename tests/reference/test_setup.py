@@ -7,6 +7,7 @@ import gc
 import json
 import shutil
 import weakref
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -61,18 +62,24 @@ def keys_of(recipe, unpaired: bool = False) -> tuple[str, str]:
 
 
 class ForwardCounter:
-    """Counts the reference forwards that go through ``dpo.reference.setup`` (each is one batch)."""
+    """Counts the reference forwards (each is one batch): the calls of every ``logp_fn`` that
+    ``dpo.reference.setup`` opens, whether it runs a network of its own or the trainer's step module."""
 
     def __init__(self, monkeypatch) -> None:
         self.calls = 0
         counter = self
+        real = reference_setup.open_reference
 
-        class Counting(reference_setup.SequenceLogprobs):
-            def forward(self, batch):
-                counter.calls += 1
-                return super().forward(batch)
+        @contextmanager
+        def counting(*args, **kwargs):
+            with real(*args, **kwargs) as logp_fn:
+                def counted(batch):
+                    counter.calls += 1
+                    return logp_fn(batch)
 
-        monkeypatch.setattr(reference_setup, "SequenceLogprobs", Counting)
+                yield counted
+
+        monkeypatch.setattr(reference_setup, "open_reference", counting)
 
 
 # ----------------------------------------------------------------------------------- agreement with maths

@@ -31,9 +31,11 @@ from dpo.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     prepare_output_dir,
+    read_checkpoint_state,
     recipe_differences,
     restore_checkpoint,
     restore_rng,
+    resume_state,
     rewind_metrics,
     run_differences,
     run_record,
@@ -351,6 +353,31 @@ def test_rng_states_survive_json_and_replay_every_generator():
     restore_rng(state)
     second = (random.random(), np.random.standard_normal(3).tolist(), torch.randn(4))
     assert first[:2] == second[:2] and torch.equal(first[2], second[2])
+
+
+def test_each_process_gets_its_own_generators_back_and_one_the_checkpoint_lacks_needs_force(tmp_path):
+    """A multi-process checkpoint holds one generator state per process (each draws its own dropout masks)."""
+    parts = make_parts(seed=0)
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(capture_rng())
+    path = save_checkpoint(RunDirectory.create(tmp_path), LoopState(step=2), model=parts[0], optimizer=parts[1],
+                           scheduler=parts[2], scaler=None, param_names=parts[3], rng_states=states, run=RUN,
+                           keep_last=2, log=lambda _: None)
+    checkpoint = load_checkpoint(path)
+    state = read_checkpoint_state(checkpoint, parts[0], parts[3])
+    for index, seed in enumerate((1, 2)):
+        resume_state(state, checkpoint, scheduler=parts[2], scaler=None, process_index=index)
+        torch.manual_seed(seed)
+        expected = torch.rand(3)
+        resume_state(state, checkpoint, scheduler=parts[2], scaler=None, process_index=index)
+        assert torch.equal(torch.rand(3), expected)
+    with pytest.raises(CheckpointError, match="no generator state for process 2"):
+        resume_state(state, checkpoint, scheduler=parts[2], scaler=None, process_index=2)
+    messages: list[str] = []
+    resume_state(state, checkpoint, scheduler=parts[2], scaler=None, process_index=2, force=True, log=messages.append)
+    assert messages and messages[0].startswith("warning: --force") and "process 2" in messages[0]
 
 
 def test_tensor_fingerprint_is_bitwise():
