@@ -5,8 +5,10 @@
 
 Writes the shape's ``config.json`` and the quickstart tokenizer to a temporary folder (no weights: the plan
 needs only the shape), a few prompts to read, and runs ``dpo-train RECIPE --dry-run`` with ``model.path``,
-``data.train`` and ``output.dir`` pointed there (the recipe's adapters and reward run need not exist yet). What it prints is arithmetic
-(:mod:`dpo.online.memory`), not a measurement.
+``data.train`` and ``output.dir`` pointed there, and ``model.adapter`` at an adapter folder holding only its
+``adapter_config.json`` (the dry run checks that the folder is an adapter; the plan reads its rank). The
+recipe's reward run need not exist yet. What it prints is arithmetic (:mod:`dpo.online.memory`), not a
+measurement.
 """
 
 from __future__ import annotations
@@ -46,9 +48,16 @@ def main() -> None:
                     num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=False,
                     bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(model)
         build_tokenizer().save_pretrained(model)
+        adapter = Path(tmp) / "adapter"
+        adapter.mkdir()
+        (adapter / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 16, "lora_alpha": 32, "base_model_name_or_path":
+            str(model), "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                           "down_proj"]}))
         prompts = Path(tmp) / "prompts.jsonl"
         prompts.write_text("".join(json.dumps({"prompt": f"Parity of {n}:"}) + "\n" for n in range(10, 110)))
-        overrides = [f"model.path={model}", f"data.train={prompts}", f"output.dir={Path(tmp) / 'out'}", *args.set]
+        overrides = [f"model.path={model}", f"model.adapter={adapter}", f"data.train={prompts}",
+                     f"output.dir={Path(tmp) / 'out'}", *args.set]
         cli([args.recipe, "--dry-run", *[a for o in overrides for a in ("--set", o)]])
 
 
