@@ -37,7 +37,7 @@ Log = Callable[[str], None]
 TRAIN_LOG = "train.log"
 # The loggers whose records are kept out of the terminal unless --verbose (each covers its children).
 LIBRARY_LOGGERS = ("transformers", "datasets", "peft", "accelerate", "bitsandbytes", "huggingface_hub", "torch",
-                   "safetensors", "wandb", "mlflow", "urllib3", "filelock", "fsspec", "triton")
+                   "safetensors", "wandb", "mlflow", "urllib3", "filelock", "fsspec", "triton", "DeepSpeed")
 
 
 def _number(value: object, spec: str, width: int) -> str:
