@@ -214,6 +214,13 @@ class HingeLoss(_Loss):
     nll_weight: NllWeight = 0.0
 
 
+class DPOPLoss(_Loss):
+    name: Literal["dpop"]
+    beta: Beta = 0.1
+    lambda_: float = Field(50.0, ge=0, alias="lambda")
+    nll_weight: NllWeight = 0.0
+
+
 class IPOLoss(_Loss):
     name: Literal["ipo"]
     beta: Beta = 0.1
@@ -241,13 +248,14 @@ class ORPOLoss(_Loss):
 
 
 LossConfig = Annotated[
-    DPOLoss | RobustLoss | HingeLoss | IPOLoss | KTOLoss | SimPOLoss | ORPOLoss,
+    DPOLoss | RobustLoss | HingeLoss | DPOPLoss | IPOLoss | KTOLoss | SimPOLoss | ORPOLoss,
     Field(discriminator="name"),
 ]
 LOSS_CONFIGS: dict[str, type[_Loss]] = {
     "dpo": DPOLoss,
     "robust": RobustLoss,
     "hinge": HingeLoss,
+    "dpop": DPOPLoss,
     "ipo": IPOLoss,
     "kto": KTOLoss,
     "simpo": SimPOLoss,
