@@ -8,7 +8,7 @@ Everything is deterministic from a seed and needs no download. ``python -m dpo.q
 The task (see ``data_cards/quickstart-arithmetic.md``): questions about an integer whose answer depends
 only on its last digit ("Parity of 347:", "Last digit of 347:", "Mod 5 of 347:").
 The chosen completion is the correct answer, the rejected one a wrong answer of the same form, so a
-policy that learns the rule ranks held-out pairs correctly.
+policy that learns the rule ranks held-out pairs correctly; :func:`gold` is the rule as a gold scorer.
 """
 
 from __future__ import annotations
@@ -116,6 +116,12 @@ def is_correct(prompt: str, answer: str) -> bool:
     if prompt.startswith("Last digit of"):
         return answer.strip() == str(number % 10)
     raise ValueError(f"not a quickstart question: {prompt!r}")
+
+
+def gold(prompt: str, completion: str) -> float:
+    """The task's gold scorer (``eval.gold: dpo.quickstart:gold``, ``dpo-train pairs --scorer``): 1.0 when
+    ``completion`` answers ``prompt`` correctly by :func:`is_correct`, else 0.0."""
+    return float(is_correct(prompt, completion))
 
 
 def write_assets(directory: str | Path, *, train_pairs: int = 2000, eval_pairs: int = 200, seed: int = 0) -> Path:

@@ -4,7 +4,7 @@ Every section is a pydantic model with ``extra="forbid"`` and ``frozen=True``: a
 type or an out-of-range value is a :class:`RecipeError` that names the key path (``loss.beta``) and
 says what is allowed. Nothing downstream re-reads the YAML.
 
-Sections: ``model``, ``data``, ``lora``, ``loss``, ``train``, ``reference``, ``output`` (and ``task``).
+Sections: ``model``, ``data``, ``lora``, ``loss``, ``train``, ``eval``, ``reference``, ``output`` (and ``task``).
 Paths are resolved against the current working directory, as a shell would, after ``~`` is expanded (in
 every path key, so the resolved recipe shows the real folder).
 
@@ -80,10 +80,12 @@ class ModelConfig(_Section):
 
     With ``quantization`` the unquantized weights load in ``quantization.compute_dtype``; ``dtype`` then
     defaults to it and may not name another. ``max_memory_gb`` is the accelerator memory (GiB) the dry run
-    checks its peak estimate against, instead of the detected device's.
+    checks its peak estimate against, instead of the detected device's. ``gguf_file`` names a GGUF checkpoint
+    in ``path``'s folder: transformers reads its weights (dequantized to ``dtype``), config and tokenizer.
     """
 
     path: PathText
+    gguf_file: Annotated[str | None, AfterValidator(_gguf_name)] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
@@ -106,6 +108,22 @@ class ModelConfig(_Section):
                 "quantized base keeps its unquantized weights in compute_dtype; drop model.dtype or make them equal"
             )
         return {**data, "dtype": compute}
+
+    @model_validator(mode="after")
+    def _gguf_alone(self) -> ModelConfig:
+        if self.gguf_file is not None and self.quantization is not None:
+            raise ValueError(
+                "model.gguf_file with model.quantization: a GGUF checkpoint is dequantized to model.dtype when it "
+                "is loaded and cannot be quantized again by bitsandbytes; drop model.quantization (or convert the "
+                "model to a safetensors folder first: dpo-train merge writes one)"
+            )
+        return self
+
+
+def _gguf_name(value: str | None) -> str | None:
+    if value is not None and (not value.strip() or Path(value).is_absolute()):
+        raise ValueError("a file name inside the model folder, e.g. model.Q4_K_M.gguf")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -271,7 +289,9 @@ class TrainConfig(_Section):
 
     Checkpoints (``output.dir/checkpoints``) are written every ``save_every`` steps (null: only at the end
     and on SIGINT/SIGTERM), the ``keep_last`` newest kept. A step whose loss or gradient norm is not finite
-    is skipped; ``max_bad_steps`` such steps in a row stop the run.
+    is skipped; ``max_bad_steps`` such steps in a row stop the run. ``warn`` turns the run's guards on or off
+    (likelihood displacement, a saturated loss: :mod:`dpo.train.guards`); ``sample_every`` writes greedy
+    completions of a few held-out prompts (``eval.samples``) to ``samples.jsonl`` every that many steps.
     """
 
     seed: int = 0
@@ -294,6 +314,39 @@ class TrainConfig(_Section):
     max_bad_steps: int = Field(5, ge=1)
     logprob_impl: Literal["auto", "torch", "triton"] = "auto"
     logprob_chunk_size: int | None = Field(None, ge=1)
+    warn: bool = True
+    sample_every: int | None = Field(None, ge=1)
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+
+class EvalConfig(_Section):
+    """What each evaluation adds to the held-out pairs' metrics: greedy answers to held-out prompts.
+
+    ``generate`` held-out prompts (the first unique ones of the eval split) are answered greedily, at most
+    ``max_new_tokens`` tokens each, at every evaluation; the record gets their mean length, the share that
+    ended with EOS and, with ``gold``, the mean of that scorer. ``gold`` is ``module:function`` (or
+    ``path/to/file.py:function``), a Python function of (prompt, completion) returning a number: the user's
+    own code, run in the training process. The greedy answers to the first ``samples`` prompts go to
+    ``samples.jsonl`` at every evaluation (and every ``train.sample_every`` steps) and the first is shown in
+    the log.
+    """
+
+    generate: int = Field(0, ge=0)
+    max_new_tokens: int = Field(64, ge=1)
+    gold: str | None = None
+    samples: int = Field(2, ge=0)
+
+    @field_validator("gold")
+    @classmethod
+    def _gold_form(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        module, sep, function = value.rpartition(":")
+        if not sep or not module.strip() or not function.strip().isidentifier():
+            raise ValueError("expected module:function or path/to/file.py:function, e.g. dpo.quickstart:gold")
+        return value
 
 
 # ------------------------------------------------------------------------------------------ reference
@@ -304,13 +357,15 @@ class ReferenceConfig(_Section):
 
     ``batch_size`` is the batch of every no-grad pass: the reference precompute and evaluation (which batch
     the same way, so an untrained policy reproduces the reference exactly); a precompute batch that runs out
-    of accelerator memory is halved. ``model_path`` names a separate reference model and ``adapter`` a LoRA
-    adapter applied to the reference (to ``model_path``, or else to ``model.path``). ``cache_dir`` defaults
+    of accelerator memory is halved. ``model_path`` names a separate reference model (``gguf_file``: a GGUF
+    checkpoint in its folder) and ``adapter`` a LoRA adapter applied to the reference (to ``model_path``, or
+    else to ``model.path``). ``cache_dir`` defaults
     to ``$XDG_CACHE_HOME/dpo-train/reference`` (``~/.cache`` when unset). ``verify`` recomputes that many
     random cached examples at start-up and stops the run if any differs beyond tolerance.
     """
 
     model_path: PathText | None = None
+    gguf_file: Annotated[str | None, AfterValidator(_gguf_name)] = None
     adapter: PathText | None = None
     batch_size: int = Field(16, ge=1)
     cache_dir: PathText | None = None
@@ -358,6 +413,7 @@ class Recipe(_Section):
     lora: LoraConfig = LoraConfig()
     loss: LossConfig = DPOLoss(name="dpo")
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
     reference: ReferenceConfig = ReferenceConfig()
     reward: RewardConfig = RewardConfig()
     output: OutputConfig
@@ -377,6 +433,12 @@ class Recipe(_Section):
                 "loss scaling); or use bfloat16 or float32"
             )
         self._task_sections()
+        if self.reference.gguf_file is not None and self.reference.model_path is None:
+            raise ValueError("reference.gguf_file names a GGUF file in reference.model_path's folder; set "
+                             "reference.model_path (the policy's own GGUF is model.gguf_file)")
+        if self.eval.gold is not None and self.eval.generate == 0:
+            raise ValueError("eval.gold scores the held-out answers that eval.generate asks for; set "
+                             "eval.generate: N (prompts answered at each evaluation)")
         if self.loss.name == "kto" and self.train.batch_size < 2:
             raise ValueError(
                 "train.batch_size: kto needs at least 2 rows per batch (its KL estimate pairs each prompt "
@@ -399,6 +461,11 @@ class Recipe(_Section):
         if self.reference.model_path is not None or self.reference.adapter is not None:
             key = "reference.model_path" if self.reference.model_path is not None else "reference.adapter"
             raise ValueError(f"{key}: a reward model has no reference model; remove it")
+        generation = {"eval.generate": self.eval.generate > 0, "eval.gold": self.eval.gold is not None,
+                      "train.sample_every": self.train.sample_every is not None}
+        if any(generation.values()):
+            key = next(key for key, used in generation.items() if used)
+            raise ValueError(f"{key}: a reward model scores text and does not generate any; remove it")
         if self.data.layout == "unpaired":
             raise ValueError("data.layout: a reward model ranks pairs; unpaired rows (prompt, completion, label) "
                              "have none to rank")

@@ -5,6 +5,7 @@ the training loop (:func:`reward_parts`), a trained run loaded back (:func:`load
 of (prompt, completion) rows (:func:`score_texts`, :func:`score_file`; ``dpo-train score``).
 """
 
+from dpo.reward.gold import Gold, GoldError, load_gold
 from dpo.reward.model import (
     HEAD,
     RewardParts,
@@ -21,11 +22,14 @@ from dpo.reward.model import (
 from dpo.reward.scoring import score_file, score_texts
 
 __all__ = [
+    "Gold",
+    "GoldError",
     "HEAD",
     "RewardParts",
     "RewardRun",
     "add_reward_lora",
     "bradley_terry_loss",
+    "load_gold",
     "load_reward_base",
     "load_reward_run",
     "pair_rewards",

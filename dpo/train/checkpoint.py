@@ -4,7 +4,7 @@ A run's output directory (its marker and lock: :mod:`dpo.train.output_dir`)::
 
     OUT/.dpo-train                 marker: dpo-train created this directory, and every path it wrote here
     OUT/.dpo-train.lock            the lock of the run that holds the directory
-    OUT/recipe.yaml, metrics.jsonl, final_metrics.json, adapter/
+    OUT/recipe.yaml, metrics.jsonl, final_metrics.json, samples.jsonl, adapter/
     OUT/checkpoints/step-000040/
         adapter/                   the peft adapter (adapter_model.safetensors, adapter_config.json)
         optimizer.safetensors      optimizer state tensors, keyed "<parameter index>.<name>"
@@ -74,6 +74,9 @@ IGNORED_ON_RESUME = frozenset({
     "output.dir", "train.log_every", "train.eval_every", "train.save_every",
     "train.keep_last", "train.max_bad_steps", "data.num_proc", "data.cache_dir", "reference.batch_size",
     "reference.cache_dir", "reference.verify",
+    # What evaluations add and what the run says: greedy answers (run under a saved and restored RNG state)
+    # and the guards' warnings change no weight.
+    "train.warn", "train.sample_every", "eval.generate", "eval.max_new_tokens", "eval.gold", "eval.samples",
 })
 # Paths whose content a fingerprint checks: when the checkpoint has that fingerprint, a moved file is
 # fine and a changed one is caught by the fingerprint. Reference log-probs are a function of the model's
@@ -851,6 +854,8 @@ def recipe_differences(saved_run: dict[str, Any], recipe_tree: dict[str, Any]) -
         if key in IGNORED_ON_RESUME or CONTENT_CHECKED.get(key) in fingerprints:
             continue
         before, after = saved.get(key, _ABSENT), now.get(key, _ABSENT)
+        if (before is None and after == _ABSENT) or (before == _ABSENT and after is None):
+            continue  # a key added since the checkpoint was written, at its default (off)
         if before != after:
             lines.append(f"{key}: {before!r} in the checkpoint, {after!r} now")
     return lines

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from dpo.files import WriteFailed
 from dpo.recipe import Recipe, RecipeError, TrainConfig
 from dpo.reference import length_sorted_batches
+from dpo.reward import load_gold
 from dpo.train.checkpoint import (
     LoopState,
     StopSignals,
@@ -44,8 +45,10 @@ from dpo.train.checkpoint import (
     save_checkpoint,
     version_notes,
 )
+from dpo.train.guards import Guards
 from dpo.train.metric_log import MetricLog, require_tensorboard
 from dpo.train.parallel import average_gradients, broadcast_parameters, merge_sums, shard
+from dpo.train.samples import SAMPLES_FILE, HeldOutAnswers
 from dpo.train.setup import preference_setup, reward_setup
 
 Log = Callable[[str], None]
@@ -206,6 +209,7 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
     from accelerate.utils import InitProcessGroupKwargs
 
     require_tensorboard(recipe.output.tensorboard)
+    gold = load_gold(recipe.eval.gold) if recipe.eval.gold else None  # the user's code: fails before anything slow
     accelerator = Accelerator(gradient_accumulation_steps=recipe.train.grad_accum,
                               mixed_precision="fp16" if recipe.train.loss_scaler else "no",
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=SETUP_TIMEOUT)])
@@ -216,7 +220,7 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
         if accelerator.is_main_process:
             run_dir = prepare_output_dir(out_dir, resume=resume, overwrite=overwrite, log=log,
                                          inputs=run_inputs(recipe, recipe_file))
-        return _train(accelerator, run_dir, recipe, log, resume=resume, force=force)
+        return _train(accelerator, run_dir, recipe, log, resume=resume, force=force, gold=gold)
     except WriteFailed as exc:
         latest = latest_checkpoint(out_dir) if out_dir.is_dir() else None
         exc.kept = exc.kept or (f"The last checkpoint, {latest}, is intact; continue from it with --resume."
@@ -231,9 +235,10 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
 
 
 def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path | bool | None,
-           force: bool) -> dict[str, dict[str, float]]:
-    """The body of :func:`train`, given the run's ``accelerate.Accelerator`` and its output directory
-    (a :class:`dpo.train.output_dir.RunDirectory` on the main process, None on the others)."""
+           force: bool, gold=None) -> dict[str, dict[str, float]]:
+    """The body of :func:`train`, given the run's ``accelerate.Accelerator``, its output directory (a
+    :class:`dpo.train.output_dir.RunDirectory` on the main process, None on the others) and the
+    ``eval.gold`` scorer."""
     from accelerate.utils import gather_object, set_seed
 
     cfg = recipe.train
@@ -301,6 +306,14 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
     eval_loader = DataLoader(setup.eval_rows, collate_fn=setup.collate, generator=torch.Generator(),
                              batch_sampler=eval_batches)
     has_eval = len(setup.eval_rows) > 0
+    answers = HeldOutAnswers.build(recipe, setup.tokenizer, setup.eval_prompts, gold, run_dir, log)
+    guards = Guards(cfg.warn, log)
+
+    def held_out(step: int) -> dict[str, float]:
+        """Held-out metrics of the policy as it is now: the pairs' (all processes), its answers' (main), and
+        the change since the before-training evaluation."""
+        pairs = evaluate(step_module, eval_loader, loss_fn, device, gather) if has_eval else {}
+        return guards.since_start({**pairs, **answers.evaluate(model, step, device)}) if pairs else {}
 
     def gather(obj) -> list:
         return gather_object([obj]) if world > 1 else [obj]
@@ -325,6 +338,8 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
             loop.window_sums, loop.window_counts = {}, {}
         if is_main and rewind_metrics(metrics_path, loop.step, final=loop.step >= total_steps):
             log(f"metrics.jsonl: dropped the records after step {loop.step} (those steps run again)")
+        if is_main:
+            rewind_metrics(out_dir / SAMPLES_FILE, loop.step, final=loop.step >= total_steps)
         log(f"resumed from {checkpoint.path}: step {loop.step} of {total_steps} "
             f"(epoch {loop.epoch}, micro-batch {loop.micro_batch})")
     else:
@@ -333,10 +348,11 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
     metric_log = MetricLog(out_dir, tensorboard=recipe.output.tensorboard, enabled=is_main, run_dir=run_dir,
                            resumed_step=loop.step if checkpoint is not None else None)
     if checkpoint is None:
-        loop.eval_before = evaluate(step_module, eval_loader, loss_fn, device, gather) if has_eval else {}
+        loop.eval_before = held_out(0)
         if loop.eval_before:
             log(describe_eval("before training", loop.eval_before))
             metric_log.write({"split": "eval", "step": 0, **loop.eval_before})
+    guards.start = loop.eval_before  # a resumed run's, from its checkpoint
     last_checkpoint, saved_step = (checkpoint.path, loop.step) if checkpoint is not None else (None, None)
 
     # 4. The loop. A step is one optimizer update over grad_accum micro-batches (on every process);
@@ -397,14 +413,17 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
                               "bad_steps": loop.bad_steps, "bad_steps_consecutive": loop.consecutive_bad_steps}
                     if accelerator.scaler is not None:
                         record["scaler_overflows"] = loop.scaler_overflows
-                    metric_log.write(record)
+                    metric_log.write(guards.check(record))
                     progress.set_postfix({k: f"{record[k]:.3f}" for k in ("loss", setup.headline[0]) if k in record})
                     window.reset()
                     tokens, window_start = 0, time.perf_counter()
-                if cfg.eval_every and loop.step % cfg.eval_every == 0 and loop.step < total_steps and has_eval:
-                    metrics = evaluate(step_module, eval_loader, loss_fn, device, gather)
-                    metric_log.write({"split": "eval", "step": loop.step, **metrics})
+                evaluating = cfg.eval_every and loop.step % cfg.eval_every == 0 and loop.step < total_steps and has_eval
+                if evaluating:
+                    metrics = held_out(loop.step)
+                    metric_log.write(guards.check({"split": "eval", "step": loop.step, **metrics}))
                     log(describe_eval(f"step {loop.step}", metrics))
+                elif cfg.sample_every and loop.step % cfg.sample_every == 0 and loop.step < total_steps:
+                    answers.sample(model, loop.step, device)
                 if too_many_bad:
                     kept = (f"the last good checkpoint is {last_checkpoint}; resume from it with --resume once the "
                             "cause is fixed" if last_checkpoint else "no checkpoint was written before them")
@@ -429,13 +448,13 @@ def _train(accelerator, run_dir, recipe: Recipe, log: Log, *, resume: str | Path
         last_checkpoint = save(loop)
 
     # 5. Held-out metrics after training, adapter and tokenizer.
-    after = evaluate(step_module, eval_loader, loss_fn, device, gather) if has_eval else {}
+    after = held_out(loop.step)
     if after:
         log(describe_eval("after training", after))
-        metric_log.write({"split": "eval", "step": loop.step, **after})
+        metric_log.write(guards.check({"split": "eval", "step": loop.step, **after}))
     metric_log.close()
     adapter_dir = out_dir / "adapter"
-    summary = {"eval_before": loop.eval_before, "eval_after": after, "steps": loop.step}
+    summary = {"eval_before": loop.eval_before, "eval_after": after, "steps": loop.step, "warnings": guards.said}
     if is_main:
         def save_adapter(folder: Path) -> None:
             model.save_pretrained(folder, safe_serialization=True)

@@ -32,8 +32,9 @@ from dpo.train.metric_log import TENSORBOARD_DIR
 MARKER = ".dpo-train"
 LOCK_FILE = ".dpo-train.lock"
 CHECKPOINTS_DIR = "checkpoints"
+SAMPLES_FILE = "samples.jsonl"  # greedy held-out answers (dpo.train.samples)
 # The names a run writes directly inside its output directory.
-RUN_FILES = ("recipe.yaml", "metrics.jsonl", "final_metrics.json")
+RUN_FILES = ("recipe.yaml", "metrics.jsonl", "final_metrics.json", SAMPLES_FILE)
 ADAPTER_DIR = "adapter"
 RUN_DIRS = (ADAPTER_DIR, CHECKPOINTS_DIR, TENSORBOARD_DIR)
 RUN_OUTPUTS = RUN_FILES + RUN_DIRS
@@ -114,7 +115,7 @@ class RunDirectory:
         """The record of a folder whose marker an earlier dpo-train wrote before markers recorded paths.
 
         Such a run can still be resumed (or overwritten), so what it provably wrote is adopted: the run files
-        (``recipe.yaml``, ``metrics.jsonl``, ``final_metrics.json``), each checkpoint folder with a readable
+        (``recipe.yaml``, ``metrics.jsonl``, ``final_metrics.json``, ``samples.jsonl``), each checkpoint folder with a readable
         dpo-train manifest and exactly the files that manifest lists, the files a saved adapter and tokenizer
         consist of, and TensorBoard event files. Anything else there (a file of the user's inside
         ``adapter/``, a checkpoint folder without a manifest) is not adopted, so it is never deleted. The
