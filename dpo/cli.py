@@ -192,13 +192,16 @@ def merge_command(
     run_dir: Annotated[Path, typer.Argument(help="A finished run's output.dir (recipe.yaml and adapter/).",
                                             show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="New directory for the merged model.", show_default=False)],
-    dtype: Annotated[str, typer.Option("--dtype", help="Weights of the merged model: bf16, fp16 or fp32.")] = "bf16",
-    base: Annotated[str | None, typer.Option("--base", help="The base model, if not at the recipe's model.path.")
-                    ] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Weights of the saved model: bf16, fp16 or fp32 (the merge "
+                                       "itself runs and is checked in float32).")] = "bf16",
+    base: Annotated[str | None, typer.Option("--base", help="The base model (a folder or a .gguf file), if not the "
+                                             "recipe's model.path and model.gguf_file.")] = None,
 ) -> None:
     """Merge a run's LoRA adapter into its full-precision base; saves a standard Hugging Face model directory.
 
-    The merged model's log-probs are checked against the adapter's on sample sequences before anything is saved.
+    The merge runs on the CPU in float32 (4 bytes a parameter), and the merged model's log-probs are checked
+    against base + adapter on sample sequences before anything is saved in --dtype. A GGUF base gives an
+    ordinary safetensors folder.
     """
     from dpo.model import MergeError, merge_run
 

@@ -85,7 +85,8 @@ class ModelResult:
 def load_policy(entry: ModelEntry, device) -> Policy:
     """A ``path`` entry as a plain causal LM, a ``run`` entry as its base plus its trained adapter."""
     if entry.path is not None:
-        config = ModelConfig(path=entry.path, dtype=entry.dtype, trust_remote_code=entry.trust_remote_code)
+        config = ModelConfig(path=entry.path, gguf_file=entry.gguf_file, dtype=entry.dtype,
+                             trust_remote_code=entry.trust_remote_code)
         return Policy(entry, load_base_model(config, device=device).eval(), load_tokenizer(config))
     from peft import PeftModel
 

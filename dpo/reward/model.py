@@ -25,6 +25,7 @@ from dpo.data import collate_paired, prepare_data
 from dpo.losses import LossOutput
 from dpo.model import (
     ModelError,
+    check_gguf,
     enable_checkpointing,
     from_pretrained_kwargs,
     keep_4bit_layout_trainable,
@@ -57,6 +58,7 @@ def load_reward_base(config: ModelConfig, device: torch.device | str | None = No
     """
     from transformers import AutoModelForSequenceClassification
 
+    check_gguf(config)
     kwargs = {**from_pretrained_kwargs(config, device), "num_labels": 1}
     quant = kwargs.get("quantization_config")
     if quant is not None:
