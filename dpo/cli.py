@@ -114,7 +114,7 @@ def train_command(
 ) -> None:
     """Train a LoRA adapter with the recipe's loss (the default command: `dpo-train RECIPE`).
 
-    Other commands: cache, merge, score, compare (`dpo-train COMMAND --help` explains each).
+    Other commands: cache, merge, score, compare, pairs (`dpo-train COMMAND --help` explains each).
     """
     loaded = _load(recipe, _with_verify(set_, verify_reference))
     try:
@@ -247,6 +247,62 @@ def compare_command(
         loaded = load_compare_config(config, set_ or [])
         run_compare(loaded, source=str(config), log=typer.echo)
     except (*_user_errors(), CompareError) as exc:
+        _fail(str(exc))
+
+
+@app.command("pairs")
+def pairs_command(
+    model: Annotated[str, typer.Argument(metavar="RECIPE_OR_MODEL", show_default=False, help=(
+        "What to sample from: a recipe (its base model), a finished run's output.dir (base + adapter), an adapter "
+        "folder, a model folder or a .gguf file."))],
+    prompts: Annotated[Path, typer.Option("--prompts", show_default=False, help=(
+        "Prompts: rows with only prompt (text or chat messages), or any supported data file (its unique prompts)."))],
+    scorer: Annotated[str, typer.Option("--scorer", show_default=False, help=(
+        "A task: reward run's output.dir, or a gold scorer module:function or path/to/file.py:function of (prompt, "
+        "completion) -> number (your code: it is imported and run)."))],
+    out: Annotated[Path, typer.Option("--out", show_default=False, help="The pairs file to write (JSON lines).")],
+    k: Annotated[int, typer.Option("--k", min=2, help="Completions sampled per prompt.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy (all k alike).")] = 1.0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 1.0,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per generate call.")] = 8,
+    layout: Annotated[str, typer.Option("--layout", help=(
+        "auto (explicit for text prompts, conversational for chat prompts), explicit, or conversational (text "
+        "prompts become one user message, sampled through the chat template)."))] = "auto",
+    min_margin: Annotated[float, typer.Option("--min-margin", min=0.0, help=(
+        "Drop a prompt whose best and worst scores differ by no more than this (a tie).")) ] = 0.0,
+    keep_unfinished: Annotated[bool, typer.Option("--keep-unfinished", help=(
+        "Also use samples cut at --max-new-tokens without an EOS (training would end them with one)."))] = False,
+    max_prompt_length: Annotated[int | None, typer.Option("--max-prompt-length", min=1, help=(
+        "Prompt tokens kept (their end); default: the recipe's data.max_prompt_length, else 256."))] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help=(
+        "float32, bfloat16 or float16 for a model folder, file or adapter (a recipe or run uses its own)."))
+    ] = "float32",
+    base: Annotated[str | None, typer.Option("--base", help="The base model of an adapter folder, if its "
+                                             "adapter_config.json does not name a loadable one.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+) -> None:
+    """Build preference pairs from a model's own samples: k per prompt, scored, best against worst.
+
+    Ties and prompts whose samples all score the same are dropped and counted. Train on the file with
+    dpo-train, then sample pairs from the new policy and train again (iterative DPO).
+    """
+    from dpo.pairs import PairSettings
+    from dpo.pairs import pairs_command as build
+
+    if layout not in ("auto", "explicit", "conversational"):
+        _fail(f"--layout {layout!r}: use auto, explicit or conversational")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        _fail(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
+    settings = PairSettings(k=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                            batch_size=batch_size, layout=layout, min_margin=min_margin,
+                            keep_unfinished=keep_unfinished, max_prompt_length=max_prompt_length)
+    try:
+        with _stopped_by_user():
+            build(model, str(prompts), scorer, out, settings, dtype=dtype, base=base, overwrite=overwrite,
+                  log=typer.echo)
+    except _user_errors() as exc:
         _fail(str(exc))
 
 

@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dpo"
 # The stages in the code's import order, upstream first: a module may import its own stage and the stages
 # before it. dpo.files and dpo.quickstart, first, import nothing else from dpo; dpo.cli, last, is imported by
 # nothing.
-ORDER = ("files", "quickstart", "recipe", "data", "kernels", "model", "losses", "reference", "reward", "train", "compare", "cli")
+ORDER = ("files", "quickstart", "recipe", "data", "kernels", "model", "losses", "reference", "reward", "train", "compare",
+         "pairs", "cli")
 
 
 def module_name(path: Path) -> str:

@@ -27,6 +27,7 @@ from dpo.model.load import (
     keep_4bit_layout_trainable,
     load_base_model,
     load_tokenizer,
+    model_location,
     quantization_config,
     torch_dtype,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "load_tokenizer",
     "memory_report",
     "merge_run",
+    "model_location",
     "quantization_config",
     "sample_completions",
     "sequence_logprobs",

@@ -66,6 +66,15 @@ def gguf_kwargs(config: ModelConfig) -> dict:
     return {**kwargs, "quantization_config": GgufConfig(dequantize=True)}
 
 
+def model_location(text: str) -> tuple[str, str | None]:
+    """A model named on the command line: a folder or hub id (``(text, None)``) or a ``.gguf`` file (``(its
+    folder, its name)``)."""
+    path = Path(text).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return str(path.parent), path.name
+    return text, None
+
+
 def load_tokenizer(config: ModelConfig, path: str | None = None):
     """Load the model's tokenizer (from ``path`` instead, e.g. a saved adapter's folder; else from the model,
     or its GGUF file); a missing pad token falls back to EOS (padding is always masked)."""

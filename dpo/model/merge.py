@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dpo.model.load import load_base_model, load_tokenizer, torch_dtype
+from dpo.model.load import load_base_model, load_tokenizer, model_location, torch_dtype
 from dpo.model.logprobs import LogprobSettings, sequence_logprobs
 from dpo.recipe import RecipeError, load_recipe
 
@@ -63,15 +63,6 @@ class MergeReport:
     tolerance: float
     adapter_effect: float
     rounding: float
-
-
-def model_location(text: str) -> tuple[str, str | None]:
-    """A model named on the command line: a folder (``(folder, None)``) or a ``.gguf`` file (``(its folder,
-    its name)``)."""
-    path = Path(text).expanduser()
-    if path.suffix == ".gguf" and path.is_file():
-        return str(path.parent), path.name
-    return text, None
 
 
 def sample_batch(vocab_size: int, rows: int = 4, tokens: int = 48, seed: int = 0) -> dict[str, Tensor]:
