@@ -276,6 +276,8 @@ def pairs_command(
         "Also use samples cut at --max-new-tokens without an EOS (training would end them with one)."))] = False,
     max_prompt_length: Annotated[int | None, typer.Option("--max-prompt-length", min=1, help=(
         "Prompt tokens kept (their end); default: the recipe's data.max_prompt_length, else 256."))] = None,
+    max_prompts: Annotated[int | None, typer.Option("--max-prompts", min=1, help=(
+        "Use only the first N unique prompts."))] = None,
     dtype: Annotated[str, typer.Option("--dtype", help=(
         "float32, bfloat16 or float16 for a model folder, file or adapter (a recipe or run uses its own)."))
     ] = "float32",
@@ -297,7 +299,8 @@ def pairs_command(
         _fail(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
     settings = PairSettings(k=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                             batch_size=batch_size, layout=layout, min_margin=min_margin,
-                            keep_unfinished=keep_unfinished, max_prompt_length=max_prompt_length)
+                            keep_unfinished=keep_unfinished, max_prompt_length=max_prompt_length,
+                            max_prompts=max_prompts)
     try:
         with _stopped_by_user():
             build(model, str(prompts), scorer, out, settings, dtype=dtype, base=base, overwrite=overwrite,

@@ -67,6 +67,7 @@ class PairSettings:
     min_margin: float = 0.0
     keep_unfinished: bool = False
     max_prompt_length: int | None = None
+    max_prompts: int | None = None
 
 
 @dataclass
@@ -199,7 +200,7 @@ def build_pairs(sampler: Sampler, prompts_file: str, scorer: Scorer, scorer_name
     """Sample, score and pair; write the pairs as JSON lines to ``out`` (replaced atomically)."""
     recipe_data = sampler.recipe.data if sampler.recipe is not None else None
     max_prompt_length = settings.max_prompt_length or (recipe_data.max_prompt_length if recipe_data else 256)
-    prompt_set = PromptSet(path=prompts_file, max_prompt_length=max_prompt_length)
+    prompt_set = PromptSet(path=prompts_file, max_prompt_length=max_prompt_length, max_prompts=settings.max_prompts)
     prompts = [as_chat(p, settings.layout) for p in read_prompts(prompt_set, log)]
     template, _ = resolve_chat_template(recipe_data.chat_template if recipe_data else None, sampler.tokenizer)
     try:

@@ -151,5 +151,6 @@ class Guards:
                 f"the loss has saturated: at most {SATURATION_LOSS:g} with gradient norms under "
                 f"{SATURATION_GRAD_FRACTION:.0%} of their peak for the last {SATURATION_LOGS} logs (step "
                 f"{record['step']}: loss {loss:.2g}, grad_norm {grad_norm:.2g}). The pairs no longer teach the "
-                "policy anything: it tells chosen from rejected by something easy (length, style), and further "
-                f"steps mostly lower both answers' likelihood. Train fewer steps, or: {TRY}"))
+                "policy anything: it tells chosen from rejected by something easy (length, style, a phrase), and "
+                "getting there may have changed its own answers far more than these metrics show (see generate/* "
+                f"with eval.generate, and samples.jsonl). Train fewer steps, or: {TRY}"))
