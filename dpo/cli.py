@@ -156,11 +156,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from dpo.files import WriteFailed
     from dpo.model import ModelError
     from dpo.reference import ReferenceMismatchError
-    from dpo.reward import GoldScorerError
+    from dpo.reward import GoldError
     from dpo.train import CheckpointError
     from dpo.train.engine import EngineError
 
-    return (RecipeError, ModelError, DataError, CheckpointError, ReferenceMismatchError, WriteFailed, GoldScorerError,
+    return (RecipeError, ModelError, DataError, CheckpointError, ReferenceMismatchError, WriteFailed, GoldError,
             EngineError)
 
 
@@ -232,8 +232,7 @@ def train_command(
     """Train a LoRA adapter with the recipe's task: a preference loss, a reward model, SFT, PPO or RLOO (the
     default command: `dpo-train RECIPE`).
 
-    Under `accelerate launch` or `torchrun` it trains on every process, with the engine the launch chose
-    (DDP, FSDP2, DeepSpeed). `dpo-train --help` lists the other commands.
+    Other commands: cache, merge, score, compare, pairs (`dpo-train COMMAND --help` explains each).
     """
     from dpo.model.memory import ENGINES
 
@@ -349,14 +348,17 @@ def merge_command(
     run_dir: Annotated[Path, typer.Argument(help="A finished run's output.dir (recipe.yaml and adapter/).",
                                             show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="New directory for the merged model.", show_default=False)],
-    dtype: Annotated[str, typer.Option("--dtype", help="Weights of the merged model: bf16, fp16 or fp32.")] = "bf16",
-    base: Annotated[str | None, typer.Option("--base", help="The base model, if not at the recipe's model.path.")
-                    ] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Weights of the saved model: bf16, fp16 or fp32 (the merge "
+                                       "itself runs and is checked in float32).")] = "bf16",
+    base: Annotated[str | None, typer.Option("--base", help="The base model (a folder or a .gguf file), if not the "
+                                             "recipe's model.path and model.gguf_file.")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Merge a run's LoRA adapter into its full-precision base; saves a standard Hugging Face model directory.
 
-    The merged model's log-probs are checked against the adapter's on sample sequences before anything is saved.
+    The merge runs on the CPU in float32 (4 bytes a parameter), and the merged model's log-probs are checked
+    against base + adapter on sample sequences before anything is saved in --dtype. A GGUF base gives an
+    ordinary safetensors folder.
     """
     from dpo.model import MergeError, merge_run
     from dpo.train.console import RunConsole
@@ -430,6 +432,69 @@ def plot_command(
     except (ValueError, *_user_errors()) as exc:
         _fail(str(exc))
     typer.echo(f"curves of {len(runs)} run(s) written to {path}")
+@app.command("pairs", epilog="Example: dpo-train pairs recipes/quickstart.yaml --prompts recipes/quickstart/data/eval.jsonl --scorer dpo.quickstart:gold --k 4 --out pairs.jsonl")
+def pairs_command(
+    model: Annotated[str, typer.Argument(metavar="RECIPE_OR_MODEL", show_default=False, help=(
+        "What to sample from: a recipe (its base model), a finished run's output.dir (base + adapter), an adapter "
+        "folder, a model folder or a .gguf file."))],
+    prompts: Annotated[Path, typer.Option("--prompts", show_default=False, help=(
+        "Prompts: rows with only prompt (text or chat messages), or any supported data file (its unique prompts)."))],
+    scorer: Annotated[str, typer.Option("--scorer", show_default=False, help=(
+        "A task: reward run's output.dir, or a gold scorer module:function or path/to/file.py:function of (prompt, "
+        "completion) -> number (your code: it is imported and run)."))],
+    out: Annotated[Path, typer.Option("--out", show_default=False, help="The pairs file to write (JSON lines).")],
+    k: Annotated[int, typer.Option("--k", min=2, help="Completions sampled per prompt.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy (all k alike).")] = 1.0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 1.0,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per generate call.")] = 8,
+    layout: Annotated[str, typer.Option("--layout", help=(
+        "auto (explicit for text prompts, conversational for chat prompts), explicit, or conversational (text "
+        "prompts become one user message, sampled through the chat template)."))] = "auto",
+    min_margin: Annotated[float, typer.Option("--min-margin", min=0.0, help=(
+        "Drop a prompt whose best and worst scores differ by no more than this (a tie).")) ] = 0.0,
+    keep_unfinished: Annotated[bool, typer.Option("--keep-unfinished", help=(
+        "Also use samples cut at --max-new-tokens without an EOS (training would end them with one)."))] = False,
+    max_prompt_length: Annotated[int | None, typer.Option("--max-prompt-length", min=1, help=(
+        "Prompt tokens kept (their end); default: the recipe's data.max_prompt_length, else 256."))] = None,
+    max_prompts: Annotated[int | None, typer.Option("--max-prompts", min=1, help=(
+        "Use only the first N unique prompts."))] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help=(
+        "float32, bfloat16 or float16 for a model folder, file or adapter (a recipe or run uses its own)."))
+    ] = "float32",
+    base: Annotated[str | None, typer.Option("--base", help="The base model of an adapter folder, if its "
+                                             "adapter_config.json does not name a loadable one.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Build preference pairs from a model's own samples: k per prompt, scored, best against worst.
+
+    Ties and prompts whose samples all score the same are dropped and counted. Train on the file with
+    dpo-train, then sample pairs from the new policy and train again (iterative DPO).
+    """
+    from dpo.pairs import PairSettings
+    from dpo.pairs import pairs_command as build
+
+    if layout not in ("auto", "explicit", "conversational"):
+        _fail(f"--layout {layout!r}: use auto, explicit or conversational")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        _fail(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
+    settings = PairSettings(k=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                            batch_size=batch_size, layout=layout, min_margin=min_margin,
+                            keep_unfinished=keep_unfinished, max_prompt_length=max_prompt_length,
+                            max_prompts=max_prompts)
+    from dpo.train.console import RunConsole
+
+    try:
+        with _stopped_by_user(), RunConsole(typer.echo, verbose=verbose) as console:
+            build(model, str(prompts), scorer, out, settings, dtype=dtype, base=base, overwrite=overwrite,
+                  log=console.log)
+    except _user_errors() as exc:
+        _fail(str(exc))
+
+
+COMMANDS = {"train"}
 
 
 def resume_latest_when_bare(args: list[str]) -> list[str]:

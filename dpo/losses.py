@@ -16,6 +16,7 @@ loss    reference  paired  token counts  reward_kind  rewards/chosen, rewards/re
 dpo     yes        yes     no            sum          β·Δc, β·Δr
 robust  yes        yes     no            sum          β·Δc, β·Δr
 hinge   yes        yes     no            sum          β·Δc, β·Δr
+dpop    yes        yes     no            sum          β·Δc, β·Δr
 ipo     yes        yes     yes           mean         Δc/|y_c|, Δr/|y_r| (per-token log-ratio, no β)
 kto     yes        no      no            sum          rewards/desirable, rewards/undesirable: β·Δ
 simpo   no         yes     yes           mean         β·log πθ(y_c|x)/|y_c|, β·log πθ(y_r|x)/|y_r|
@@ -26,7 +27,8 @@ orpo    no         yes     yes           mean         log πθ(y_c|x)/|y_c|, log
 exact tie (a ranker that cannot tell the two apart is right half the time, so an untrained policy scores
 chance, 0.5, not 0) and 0.0 otherwise.
 ``logps/chosen`` and ``logps/rejected`` are the policy's summed log-probs. ORPO also reports
-``log_odds_ratio`` (the quantity inside its sigmoid). ``nll`` (the length-normalised NLL of the
+``log_odds_ratio`` (the quantity inside its sigmoid); DPOP reports ``penalty``, max(0, −Δc), the
+chosen log-prob lost below the reference. ``nll`` (the length-normalised NLL of the
 chosen completion, −log πθ(y_c|x)/|y_c|) is reported for orpo and whenever ``nll_weight`` > 0.
 KTO reports ``kl`` (its reference point z, shape [1]) and ``logps/desirable``,
 ``logps/undesirable`` (summed policy log-probs of each kind; empty when the batch has none).
@@ -307,6 +309,48 @@ def hinge_loss(
     return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
 
 
+def dpop_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    reference_chosen: Tensor,
+    reference_rejected: Tensor,
+    *,
+    beta: float,
+    lambda_: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """DPO-Positive, DPOP (Pal et al. 2024, "Smaug: Fixing Failure Modes of Preference Optimisation with
+    DPO-Positive", eq. 3).
+
+    loss = −log σ(β·(δ − λ·max(0, log πref(y_c|x) − log πθ(y_c|x)))), δ = Δc − Δr over summed log-probs.
+
+    Plain DPO only widens the margin δ, which it can do by lowering both sides' likelihood at once (the
+    likelihood displacement of DPO: the chosen answer itself becomes less likely). The penalty
+    max(0, −Δc) is zero while the chosen completion is at least as likely as under the reference and grows
+    with every nat it loses below it, so the loss can no longer be lowered that way. With Δc ≥ 0 the loss
+    is DPO's; below, the sigmoid's argument moves with log πθ(y_c|x) at slope β·(1 + λ) instead of β.
+
+    Args:
+        policy_chosen: [B] summed log πθ(y_c|x).
+        policy_rejected: [B] summed log πθ(y_r|x).
+        reference_chosen: [B] summed log πref(y_c|x).
+        reference_rejected: [B] summed log πref(y_r|x).
+        beta: β > 0.
+        lambda_: λ >= 0, the weight of the penalty (the recipe option ``lambda``; the paper uses 50).
+
+    Returns:
+        losses [B]; chosen_rewards [B] = β·Δc and rejected_rewards [B] = β·Δr (detached); penalty [B] =
+        max(0, −Δc) (detached).
+    """
+    _check_beta(beta)
+    _check_non_negative("lambda", lambda_)
+    chosen_ratio, rejected_ratio = _summed_log_ratios(
+        policy_chosen, policy_rejected, reference_chosen, reference_rejected
+    )
+    penalty = torch.relu(-chosen_ratio)
+    losses = -F.logsigmoid(beta * (chosen_ratio - rejected_ratio - lambda_ * penalty))
+    return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach(), penalty.detach()
+
+
 def ipo_loss(
     policy_chosen: Tensor,
     policy_rejected: Tensor,
@@ -582,6 +626,7 @@ def _paired_output(
 _DPO_OPTIONS = ("beta", "label_smoothing", "nll_weight")
 _ROBUST_OPTIONS = ("beta", "label_smoothing", "nll_weight")
 _HINGE_OPTIONS = ("beta", "nll_weight")
+_DPOP_OPTIONS = ("beta", "lambda", "nll_weight")
 _IPO_OPTIONS = ("beta", "nll_weight")
 _KTO_OPTIONS = ("beta", "desirable_weight", "undesirable_weight")
 _SIMPO_OPTIONS = ("beta", "gamma", "nll_weight")
@@ -629,6 +674,24 @@ def _compute_hinge(
         policy.chosen, policy.rejected, reference.chosen, reference.rejected, beta=values["beta"]
     )
     return _paired_output(losses, chosen_rewards, rejected_rewards, policy, values["nll_weight"])
+
+
+def _compute_dpop(
+    policy: LossInputs, reference: LossInputs | None, options: Mapping[str, float]
+) -> LossOutput:
+    _check_models("dpop", policy, reference, spec_paired=True, needs_reference=True)
+    values = _read_options("dpop", options, _DPOP_OPTIONS)
+    losses, chosen_rewards, rejected_rewards, penalty = dpop_loss(
+        policy.chosen,
+        policy.rejected,
+        reference.chosen,
+        reference.rejected,
+        beta=values["beta"],
+        lambda_=values["lambda"],
+    )
+    output = _paired_output(losses, chosen_rewards, rejected_rewards, policy, values["nll_weight"])
+    output.metrics["penalty"] = penalty
+    return output
 
 
 def _compute_ipo(
@@ -738,6 +801,15 @@ LOSSES: dict[str, LossSpec] = {
             paired=True,
             uses_token_counts=False,
             options=_HINGE_OPTIONS,
+            reward_kind="sum",
+        ),
+        LossSpec(
+            "dpop",
+            _compute_dpop,
+            needs_reference=True,
+            paired=True,
+            uses_token_counts=False,
+            options=_DPOP_OPTIONS,
             reward_kind="sum",
         ),
         LossSpec(

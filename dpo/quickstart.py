@@ -8,7 +8,7 @@ Everything is deterministic from a seed and needs no download. ``python -m dpo.q
 The task (see ``data_cards/quickstart-arithmetic.md``): questions about an integer whose answer depends
 only on its last digit ("Parity of 347:", "Last digit of 347:", "Mod 5 of 347:").
 The chosen completion is the correct answer, the rejected one a wrong answer of the same form, so a
-policy that learns the rule ranks held-out pairs correctly.
+policy that learns the rule ranks held-out pairs correctly; :func:`gold` is the rule as a gold scorer.
 """
 
 from __future__ import annotations

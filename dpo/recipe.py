@@ -4,8 +4,8 @@ Every section is a pydantic model with ``extra="forbid"`` and ``frozen=True``: a
 type or an out-of-range value is a :class:`RecipeError` that names the key path (``loss.beta``) and
 says what is allowed. Nothing downstream re-reads the YAML.
 
-Sections: ``model``, ``data``, ``lora``, ``loss``, ``train``, ``reference``, ``output`` (and ``task``); ``reward``
-with ``task: reward``, ``online`` with the online tasks (``ppo``, ``rloo``).
+Sections: ``model``, ``data``, ``lora``, ``loss``, ``train``, ``eval``, ``reference``, ``output`` (and ``task``);
+``reward`` with ``task: reward``, ``online`` with the online tasks (``ppo``, ``rloo``).
 Paths are resolved against the current working directory, as a shell would, after ``~`` is expanded (in
 every path key, so the resolved recipe shows the real folder).
 
@@ -83,11 +83,14 @@ class ModelConfig(_Section):
     defaults to it and may not name another. ``max_memory_gb`` is the accelerator memory (GiB) the dry run
     checks its peak estimate against, instead of the detected device's. ``adapter`` names a LoRA adapter
     folder (e.g. an SFT run's ``OUT/adapter``) that the policy starts from instead of a fresh adapter; a
-    task with a reference then also uses it as the reference (``reference.adapter``).
+    task with a reference then also uses it as the reference (``reference.adapter``). ``gguf_file`` names a
+    GGUF checkpoint in ``path``'s folder: transformers reads its weights (dequantized to ``dtype``), config and
+    tokenizer.
     """
 
     path: PathText
     adapter: PathText | None = None
+    gguf_file: Annotated[str | None, AfterValidator(_gguf_name)] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
@@ -110,6 +113,22 @@ class ModelConfig(_Section):
                 "quantized base keeps its unquantized weights in compute_dtype; drop model.dtype or make them equal"
             )
         return {**data, "dtype": compute}
+
+    @model_validator(mode="after")
+    def _gguf_alone(self) -> ModelConfig:
+        if self.gguf_file is not None and self.quantization is not None:
+            raise ValueError(
+                "model.gguf_file with model.quantization: a GGUF checkpoint is dequantized to model.dtype when it "
+                "is loaded and cannot be quantized again by bitsandbytes; drop model.quantization (or convert the "
+                "model to a safetensors folder first: dpo-train merge writes one)"
+            )
+        return self
+
+
+def _gguf_name(value: str | None) -> str | None:
+    if value is not None and (not value.strip() or Path(value).is_absolute()):
+        raise ValueError("a file name inside the model folder, e.g. model.Q4_K_M.gguf")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -220,6 +239,13 @@ class HingeLoss(_Loss):
     nll_weight: NllWeight = 0.0
 
 
+class DPOPLoss(_Loss):
+    name: Literal["dpop"]
+    beta: Beta = 0.1
+    lambda_: float = Field(50.0, ge=0, alias="lambda")
+    nll_weight: NllWeight = 0.0
+
+
 class IPOLoss(_Loss):
     name: Literal["ipo"]
     beta: Beta = 0.1
@@ -247,13 +273,14 @@ class ORPOLoss(_Loss):
 
 
 LossConfig = Annotated[
-    DPOLoss | RobustLoss | HingeLoss | IPOLoss | KTOLoss | SimPOLoss | ORPOLoss,
+    DPOLoss | RobustLoss | HingeLoss | DPOPLoss | IPOLoss | KTOLoss | SimPOLoss | ORPOLoss,
     Field(discriminator="name"),
 ]
 LOSS_CONFIGS: dict[str, type[_Loss]] = {
     "dpo": DPOLoss,
     "robust": RobustLoss,
     "hinge": HingeLoss,
+    "dpop": DPOPLoss,
     "ipo": IPOLoss,
     "kto": KTOLoss,
     "simpo": SimPOLoss,
@@ -278,6 +305,10 @@ class TrainConfig(_Section):
     up to float rounding. ``max_batch_tokens`` is the most tokens of one packed row (null: on CPU rows of one to
     two times the micro-batch's longest pair, whichever needs the fewest positions; on CUDA the whole micro-batch
     in one row).
+
+    ``warn`` turns the run's guards on or off
+    (likelihood displacement, a saturated loss: :mod:`dpo.train.guards`); ``sample_every`` writes greedy
+    completions of a few held-out prompts (``eval.samples``) to ``samples.jsonl`` every that many steps.
     """
 
     seed: int = 0
@@ -308,6 +339,39 @@ class TrainConfig(_Section):
     def _packing_switch(cls, value: Any) -> Any:
         # YAML reads a bare on/off (and yes/no, true/false) as a boolean.
         return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+    warn: bool = True
+    sample_every: int | None = Field(None, ge=1)
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+
+class EvalConfig(_Section):
+    """What each evaluation adds to the held-out pairs' metrics: greedy answers to held-out prompts.
+
+    ``generate`` held-out prompts (the first unique ones of the eval split) are answered greedily, at most
+    ``max_new_tokens`` tokens each, at every evaluation; the record gets their mean length, the share that
+    ended with EOS and, with ``gold``, the mean of that scorer. ``gold`` is ``module:function`` (or
+    ``path/to/file.py:function``), a Python function of (prompt, completion) returning a number: the user's
+    own code, run in the training process. The greedy answers to the first ``samples`` prompts go to
+    ``samples.jsonl`` at every evaluation (and every ``train.sample_every`` steps) and the first is shown in
+    the log.
+    """
+
+    generate: int = Field(0, ge=0)
+    max_new_tokens: int = Field(64, ge=1)
+    gold: str | None = None
+    samples: int = Field(2, ge=0)
+
+    @field_validator("gold")
+    @classmethod
+    def _gold_form(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        module, sep, function = value.rpartition(":")
+        if not sep or not module.strip() or not function.strip().isidentifier():
+            raise ValueError("expected module:function or path/to/file.py:function, e.g. dpo.quickstart:gold")
+        return value
 
 
 # ------------------------------------------------------------------------------------------ reference
@@ -318,13 +382,15 @@ class ReferenceConfig(_Section):
 
     ``batch_size`` is the batch of every no-grad pass: the reference precompute and evaluation (which batch
     the same way, so an untrained policy reproduces the reference exactly); a precompute batch that runs out
-    of accelerator memory is halved. ``model_path`` names a separate reference model and ``adapter`` a LoRA
-    adapter applied to the reference (to ``model_path``, or else to ``model.path``). ``cache_dir`` defaults
+    of accelerator memory is halved. ``model_path`` names a separate reference model (``gguf_file``: a GGUF
+    checkpoint in its folder) and ``adapter`` a LoRA adapter applied to the reference (to ``model_path``, or
+    else to ``model.path``). ``cache_dir`` defaults
     to ``$XDG_CACHE_HOME/dpo-train/reference`` (``~/.cache`` when unset). ``verify`` recomputes that many
     random cached examples at start-up and stops the run if any differs beyond tolerance.
     """
 
     model_path: PathText | None = None
+    gguf_file: Annotated[str | None, AfterValidator(_gguf_name)] = None
     adapter: PathText | None = None
     batch_size: int = Field(16, ge=1)
     cache_dir: PathText | None = None
@@ -410,8 +476,10 @@ class OnlineConfig(_Section):
     @field_validator("gold")
     @classmethod
     def _gold_spec(cls, value: str | None) -> str | None:
-        if value is not None and (value.count(":") != 1 or not all(value.split(":"))):
-            raise ValueError(f"expected module:function (e.g. dpo.quickstart:gold), got {excerpt(value)}")
+        module, sep, function = (value or "").rpartition(":")
+        if value is not None and (not sep or not module.strip() or not function.strip().isidentifier()):
+            raise ValueError("expected module:function or path/to/file.py:function (e.g. dpo.quickstart:gold), "
+                             f"got {excerpt(value)}")
         return value
 
 
@@ -460,6 +528,7 @@ class Recipe(_Section):
     lora: LoraConfig = LoraConfig()
     loss: LossConfig = DPOLoss(name="dpo")
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
     reference: ReferenceConfig = ReferenceConfig()
     reward: RewardConfig = RewardConfig()
     online: OnlineConfig | None = None
@@ -494,6 +563,12 @@ class Recipe(_Section):
                 "loss scaling); or use bfloat16 or float32"
             )
         self._task_sections()
+        if self.reference.gguf_file is not None and self.reference.model_path is None:
+            raise ValueError("reference.gguf_file names a GGUF file in reference.model_path's folder; set "
+                             "reference.model_path (the policy's own GGUF is model.gguf_file)")
+        if self.eval.gold is not None and self.eval.generate == 0:
+            raise ValueError("eval.gold scores the held-out answers that eval.generate asks for; set "
+                             "eval.generate: N (prompts answered at each evaluation)")
         if self.loss.name == "kto" and self.train.batch_size < 2:
             raise ValueError(
                 "train.batch_size: kto needs at least 2 rows per batch (its KL estimate pairs each prompt "
@@ -531,6 +606,11 @@ class Recipe(_Section):
         if self.reference.model_path is not None or self.reference.adapter is not None:
             key = "reference.model_path" if self.reference.model_path is not None else "reference.adapter"
             raise ValueError(f"{key}: a reward model has no reference model; remove it")
+        generation = {"eval.generate": self.eval.generate > 0, "eval.gold": self.eval.gold is not None,
+                      "train.sample_every": self.train.sample_every is not None}
+        if any(generation.values()):
+            key = next(key for key, used in generation.items() if used)
+            raise ValueError(f"{key}: a reward model scores text and does not generate any; remove it")
         if self.data.layout == "unpaired":
             raise ValueError("data.layout: a reward model ranks pairs; unpaired rows (prompt, completion, label) "
                              "have none to rank")

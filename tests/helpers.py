@@ -13,7 +13,7 @@ import torch
 
 from dpo.quickstart import build_tokenizer, make_pairs
 
-__all__ = ["Crash", "build_tokenizer", "build_tiny_model", "crash_at_micro_batch", "qlora_recipe", "reference_values",
+__all__ = ["Crash", "build_tokenizer", "build_tiny_gguf", "build_tiny_model", "crash_at_micro_batch", "qlora_recipe", "reference_values",
            "write_jsonl", "write_pairs", "write_recipe", "yes_no_pairs"]
 
 
@@ -66,6 +66,92 @@ def build_tiny_model(directory: str | Path, arch: str = "llama", *, vocab_size: 
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+GGUF_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+GGUF_VOCAB_SIZE = len(GGUF_SPECIAL_TOKENS) + 256 + 1  # the specials, one token per byte, one merge ("od")
+GGUF_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (what a byte-level BPE vocabulary is written in)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    characters, extra = dict(zip(printable, map(chr, printable))), 0
+    for byte in range(256):
+        if byte not in characters:
+            characters[byte], extra = chr(256 + extra), extra + 1
+    return characters
+
+
+def build_tiny_gguf(directory: str | Path, name: str = "tiny.gguf", *, seed: int = 0,
+                    source: str | Path | None = None) -> Path:
+    """Write a tiny random Llama as a GGUF checkpoint (float32 tensors), with a byte-level BPE tokenizer, BOS,
+    EOS, pad and a chat template in its metadata, as llama.cpp's converter lays a Llama out (q and k rows
+    permuted). Returns the file's path.
+
+    Args:
+        directory: the model folder (created); the file is ``directory/name``.
+        name: the file's name.
+        seed: weight initialisation seed.
+        source: also save the same network as a safetensors folder here (to compare with).
+    """
+    import tempfile
+
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        model = AutoModelForCausalLM.from_pretrained(
+            build_tiny_model(source or scratch, vocab_size=GGUF_VOCAB_SIZE, seed=seed))
+    config, weights = model.config, {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+
+    def permuted(weight, heads: int):  # llama.cpp's order of rotary halves; transformers undoes it on load
+        return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
+            weight.shape)
+
+    alphabet = _byte_alphabet()
+    writer = gguf.GGUFWriter(str(directory / name), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(GGUF_VOCAB_SIZE)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(GGUF_SPECIAL_TOKENS + [alphabet[b] for b in range(256)] + ["od"])
+    writer.add_token_types([3] * len(GGUF_SPECIAL_TOKENS) + [1] * 257)  # 3: control, 1: normal
+    writer.add_token_merges(["o d"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_chat_template(GGUF_CHAT_TEMPLATE)
+    writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"])
+    names = {"input_layernorm": "attn_norm", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    for layer in range(config.num_hidden_layers):
+        prefix = f"model.layers.{layer}."
+        writer.add_tensor(f"blk.{layer}.attn_q.weight",
+                          permuted(weights[prefix + "self_attn.q_proj.weight"], config.num_attention_heads))
+        writer.add_tensor(f"blk.{layer}.attn_k.weight",
+                          permuted(weights[prefix + "self_attn.k_proj.weight"], config.num_key_value_heads))
+        for hf_name, gguf_name in names.items():
+            writer.add_tensor(f"blk.{layer}.{gguf_name}.weight", weights[f"{prefix}{hf_name}.weight"])
+    writer.add_tensor("output_norm.weight", weights["model.norm.weight"])
+    writer.add_tensor("output.weight", weights["lm_head.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return directory / name
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:

@@ -68,12 +68,12 @@ def test_quickstart_card_snippet_loads_the_bundled_data(tmp_path, monkeypatch):
 def test_gold_scorer_card_names_a_scorer_that_scores_its_examples():
     import json
 
-    from dpo.reward import load_gold_scorer
+    from dpo.reward import load_gold
 
     card = (CARDS / "quickstart-gold.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```yaml\n(.*?)```", card, flags=re.S)
     spec = yaml.safe_load(blocks[-1])["online"]["gold"]
-    scorer = load_gold_scorer(spec)
+    scorer = load_gold(spec)
     examples = [json.loads(line) for block in re.findall(r"```json\n(.*?)```", card, flags=re.S)
                 for line in block.splitlines()]
     assert examples and all(scorer(e["prompt"], e["completion"]) == e["gold"] for e in examples)

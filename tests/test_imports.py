@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dpo"
 # before it. dpo.files and dpo.quickstart, first, import nothing else from dpo; dpo.cli, last, is imported by
 # nothing.
 ORDER = ("files", "quickstart", "recipe", "data", "kernels", "model", "losses", "reference", "reward", "online", "train",
-         "compare", "cli")
+         "compare", "pairs", "cli")
 
 
 def module_name(path: Path) -> str:

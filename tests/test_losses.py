@@ -16,6 +16,7 @@ from dpo.losses import (
     PairedLogps,
     UnpairedLogps,
     dpo_loss,
+    dpop_loss,
     get_loss,
     hinge_loss,
     ipo_loss,
@@ -79,6 +80,7 @@ SAMPLE_OPTIONS = {
     "dpo": {"beta": 0.1, "label_smoothing": 0.1, "nll_weight": 0.5},
     "robust": {"beta": 0.1, "label_smoothing": 0.2, "nll_weight": 0.5},
     "hinge": {"beta": 0.1, "nll_weight": 0.5},
+    "dpop": {"beta": 0.1, "lambda": 5.0, "nll_weight": 0.5},
     "ipo": {"beta": 0.5, "nll_weight": 0.5},
     "kto": {"beta": 0.5, "desirable_weight": 1.0, "undesirable_weight": 2.0},
     "simpo": {"beta": 2.0, "gamma": 0.5, "nll_weight": 0.5},
@@ -304,6 +306,63 @@ def test_hinge_gradcheck_float64():
     assert torch.autograd.gradcheck(
         loss, (f64(-1.0, -4.0, requires_grad=True), f64(-3.0, 6.0, requires_grad=True))
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# DPO-Positive
+
+
+def test_dpop_hand_values():
+    # Row 0, β=0.1, λ=2: Δc = 1 ≥ 0, so the penalty is 0 and the loss is DPO's: sp(0.15) = 0.6209570.
+    # Row 1: Δc = −4 − (−3) = −1, penalty max(0, 1) = 1; Δr = 1; δ = −2;
+    # β(δ − λ·1) = 0.1·(−2 − 2) = −0.4; sp(−0.4) = log(1 + e^0.4) = 0.9130153.
+    losses, chosen_rewards, rejected_rewards, penalty = dpop_loss(
+        f32(-1.0, -4.0), f32(-3.0, -2.0), f32(-2.0, -3.0), f32(-2.5, -3.0), beta=0.1, lambda_=2.0
+    )
+    close(losses, 0.6209570477895321, 0.9130152523999526)
+    close(chosen_rewards, 0.1, -0.1)
+    close(rejected_rewards, -0.05, 0.1)
+    close(penalty, 0.0, 1.0)
+
+
+def test_dpop_gradient_matches_closed_form():
+    # Row 1 above: x = −0.4; d sp(x)/d πc = −σ(−x)·β(1 + λ) = −σ(0.4)·0.3 = −0.1796063 (DPO's slope β
+    # times 1 + λ); d/d πr = σ(0.4)·β = 0.0598688.
+    policy_chosen, policy_rejected = f32(-4.0).requires_grad_(), f32(-2.0).requires_grad_()
+    losses, _, _, _ = dpop_loss(policy_chosen, policy_rejected, f32(-3.0), f32(-3.0), beta=0.1, lambda_=2.0)
+    losses.sum().backward()
+    close(policy_chosen.grad, -0.1796062980337356)
+    close(policy_rejected.grad, 0.0598687660112452)
+
+
+def test_dpop_is_dpo_while_the_chosen_side_has_not_fallen_and_at_lambda_zero():
+    policy, reference = random_policy_and_reference(batch=6, seed=11)
+    args = (policy.chosen, policy.rejected, reference.chosen, reference.rejected)
+    dpo = dpo_loss(*args, beta=0.2)[0]
+    torch.testing.assert_close(dpop_loss(*args, beta=0.2, lambda_=0.0)[0], dpo)
+    risen = policy.chosen >= reference.chosen
+    assert risen.any() and (~risen).any()
+    with_penalty = dpop_loss(*args, beta=0.2, lambda_=50.0)[0]
+    torch.testing.assert_close(with_penalty[risen], dpo[risen])
+    assert (with_penalty[~risen] > dpo[~risen]).all()
+
+
+def test_dpop_gradcheck_float64():
+    # Points keep Δc away from the penalty's kink at 0 (Δc = 1, −1, −4.5).
+    reference_chosen, reference_rejected = f64(-2.0, -3.0, -1.5), f64(-2.5, -3.0, -1.0)
+
+    def loss(policy_chosen, policy_rejected):
+        return dpop_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta=0.3,
+                         lambda_=4.0)[0]
+
+    assert torch.autograd.gradcheck(
+        loss, (f64(-1.0, -4.0, -6.0, requires_grad=True), f64(-3.0, -2.0, -1.2, requires_grad=True))
+    )
+
+
+def test_dpop_rejects_negative_lambda():
+    with pytest.raises(ValueError, match="lambda must be >= 0"):
+        dpop_loss(f32(-1.0), f32(-2.0), f32(-1.0), f32(-2.0), beta=0.1, lambda_=-1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,6 +654,7 @@ def test_registry_flags():
         "dpo": (True, True, False, "sum"),
         "robust": (True, True, False, "sum"),
         "hinge": (True, True, False, "sum"),
+        "dpop": (True, True, False, "sum"),
         "ipo": (True, True, True, "mean"),
         "kto": (True, False, False, "sum"),
         "simpo": (False, True, True, "mean"),
@@ -608,6 +668,7 @@ def test_registry_option_names():
         "dpo": ("beta", "label_smoothing", "nll_weight"),
         "robust": ("beta", "label_smoothing", "nll_weight"),
         "hinge": ("beta", "nll_weight"),
+        "dpop": ("beta", "lambda", "nll_weight"),
         "ipo": ("beta", "nll_weight"),
         "kto": ("beta", "desirable_weight", "undesirable_weight"),
         "simpo": ("beta", "gamma", "nll_weight"),
@@ -658,6 +719,7 @@ def test_compute_output_contract(name):
             "nll",
         }
         | ({"log_odds_ratio"} if name == "orpo" else set())
+        | ({"penalty"} if name == "dpop" else set())
     )
     assert set(output.metrics) == expected_keys
     for key, value in output.metrics.items():
@@ -679,6 +741,8 @@ def test_compute_matches_plain_function(name):
         expected = robust_dpo_loss(*args, beta=options["beta"], label_smoothing=options["label_smoothing"])[0]
     elif name == "hinge":
         expected = hinge_loss(*args, beta=options["beta"])[0]
+    elif name == "dpop":
+        expected = dpop_loss(*args, beta=options["beta"], lambda_=options["lambda"])[0]
     elif name == "ipo":
         expected = ipo_loss(*args, *tokens, beta=options["beta"])[0]
     elif name == "simpo":
@@ -749,6 +813,9 @@ def test_zero_nll_weight_changes_nothing(name):
         ),
         "hinge": lambda: hinge_loss(
             policy_chosen, policy.rejected, reference.chosen, reference.rejected, beta=0.1
+        ),
+        "dpop": lambda: dpop_loss(
+            policy_chosen, policy.rejected, reference.chosen, reference.rejected, beta=0.1, lambda_=5.0
         ),
         "ipo": lambda: ipo_loss(
             policy_chosen,

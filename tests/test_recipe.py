@@ -75,6 +75,16 @@ def test_loss_defaults_to_dpo():
         (with_(loss={"name": "kto"}, train={"batch_size": 1}), "train.batch_size", "at least 2"),
         (with_(data={"max_length": 10, "max_prompt_length": 10}), "max_prompt_length", "smaller than max_length"),
         ({"data": {"train": "t"}, "output": {"dir": "o"}}, "model", "required key is missing"),
+        (with_(model={"path": "m", "gguf_file": "/abs/m.gguf"}), "model.gguf_file", "a file name inside the model"),
+        (with_(model={"path": "m", "gguf_file": "m.gguf", "quantization": {"bits": 4}}), "model.quantization",
+         "dequantized to model.dtype"),
+        (with_(reference={"gguf_file": "r.gguf"}), "reference.gguf_file", "set reference.model_path"),
+        (with_(eval={"gold": "rules.score"}), "eval.gold", "module:function or path/to/file.py:function"),
+        (with_(eval={"gold": "rules:score"}), "eval.gold", "set eval.generate"),
+        (with_(eval={"generate": -1}), "eval.generate", "greater than or equal to 0"),
+        (with_(train={"sample_every": 0}), "train.sample_every", "greater than or equal to 1"),
+        (with_(task="reward", eval={"generate": 4}), "eval.generate", "does not generate"),
+        (with_(loss={"name": "dpop", "lambda": -1}), "loss.lambda", "greater than or equal to 0"),
     ],
 )
 def test_invalid_recipe_names_the_key(tree, key, hint):

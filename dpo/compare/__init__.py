@@ -6,7 +6,7 @@ optional held-out pairs. Samples every model, scores the samples, measures drift
 (:mod:`dpo.compare.report`); :func:`run_compare` does it all (``dpo-train compare``).
 """
 
-from dpo.compare.config import CompareConfig, CompareError, load_compare_config
-from dpo.compare.run import run_compare
+from dpo.compare.config import CompareConfig, CompareError, PromptSet, load_compare_config
+from dpo.compare.run import read_prompts, run_compare
 
-__all__ = ["CompareConfig", "CompareError", "load_compare_config", "run_compare"]
+__all__ = ["CompareConfig", "CompareError", "PromptSet", "load_compare_config", "read_prompts", "run_compare"]

@@ -23,11 +23,12 @@ class _Section(BaseModel):
 
 
 class ModelEntry(_Section):
-    """One policy to compare: a Hugging Face causal-LM directory (``path``) or a dpo-train run (``run``: a
-    preference, sft, ppo or rloo run's ``output.dir``)."""
+    """One policy to compare: a Hugging Face causal-LM directory (``path``; ``gguf_file``: a GGUF checkpoint in
+    it) or a dpo-train run (``run``, loaded as its recipe says, a GGUF base included)."""
 
     name: str = Field(min_length=1)
     path: str | None = None
+    gguf_file: str | None = None
     run: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
@@ -39,6 +40,8 @@ class ModelEntry(_Section):
                 f"model '{self.name}': give exactly one of path (a Hugging Face model directory, e.g. a PPO "
                 "checkpoint) or run (a dpo-train run directory holding adapter/ and recipe.yaml)"
             )
+        if self.gguf_file is not None and self.path is None:
+            raise ValueError(f"model '{self.name}': gguf_file names a file in path's folder; a run's recipe names its own")
         return self
 
 
@@ -118,8 +121,10 @@ class CompareConfig(_Section):
     @field_validator("gold")
     @classmethod
     def _gold_spec(cls, value: str | None) -> str | None:
-        if value is not None and (value.count(":") != 1 or not all(value.split(":"))):
-            raise ValueError(f"expected module:function (e.g. dpo.quickstart:gold), got {value[:60]!r}")
+        module, sep, function = (value or "").rpartition(":")
+        if value is not None and (not sep or not module.strip() or not function.strip().isidentifier()):
+            raise ValueError("expected module:function or path/to/file.py:function (e.g. dpo.quickstart:gold), "
+                             f"got {value[:60]!r}")
         return value
 
     @model_validator(mode="after")

@@ -44,9 +44,8 @@ from dpo.model import (
 from dpo.recipe import ModelConfig, RecipeError
 from dpo.reference import ReferenceLogps, compute_reference_logps, open_reference
 from dpo.reward import (
-    GoldScorerError,
-    gold_scores,
-    load_gold_scorer,
+    GoldError,
+    load_gold,
     load_reward_run,
     pair_rewards,
     run_recipe,
@@ -95,7 +94,8 @@ class ModelResult:
 def load_policy(entry: ModelEntry, device) -> Policy:
     """A ``path`` entry as a plain causal LM, a ``run`` entry as its base plus its trained adapter."""
     if entry.path is not None:
-        config = ModelConfig(path=entry.path, dtype=entry.dtype, trust_remote_code=entry.trust_remote_code)
+        config = ModelConfig(path=entry.path, gguf_file=entry.gguf_file, dtype=entry.dtype,
+                             trust_remote_code=entry.trust_remote_code)
         return Policy(entry, load_base_model(config, device=device).eval(), load_tokenizer(config))
     from peft import PeftModel
 
@@ -280,12 +280,12 @@ def training_accuracy(run_dir: str | Path) -> float | None:
 def score_gold(spec: str, prompts: list[Any], results: list[ModelResult], decode, eos_id: int, log: Log) -> None:
     """The gold scorer on every sample (prompt as the data holds it, completion as text without its EOS)."""
     try:
-        scorer = load_gold_scorer(spec)
+        scorer = load_gold(spec, what="gold")
         for result in results:
             texts = [completion_text(ids, decode, eos_id) for ids in result.samples.completion_ids]
-            result.gold = gold_scores(scorer, [prompts[p] for p in result.samples.prompt_index], texts, spec)
+            result.gold = [scorer(prompts[p], text) for p, text in zip(result.samples.prompt_index, texts)]
             log(f"{result.name}: scored {len(texts)} samples with the gold scorer {spec}")
-    except GoldScorerError as exc:
+    except GoldError as exc:
         raise CompareError(f"gold: {exc}") from None
 
 

@@ -12,7 +12,7 @@ import json
 from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,7 @@ class PreparedData:
         stats: token statistics (see :class:`dpo.data.stats.TokenStats`).
         train_fingerprint: a hash of the train split's token ids (equal iff the tokenized data is equal).
         eval_fingerprint: the same for the eval split.
+        eval_prompts: the held-out rows' prompts as read (text, or messages), in order, before tokenizing.
     """
 
     train: datasets.Dataset
@@ -93,6 +94,7 @@ class PreparedData:
     stats: TokenStats
     train_fingerprint: str
     eval_fingerprint: str
+    eval_prompts: list = field(default_factory=list)
 
 
 def prepare_data(
@@ -198,6 +200,7 @@ def prepare_data(
         stats=stats,
         train_fingerprint=train_meta["fingerprint"],
         eval_fingerprint=eval_meta["fingerprint"],
+        eval_prompts=[row["prompt"] for row in eval_rows],
     )
 
 

@@ -4,10 +4,15 @@ The policy is the base with a LoRA adapter (:func:`add_lora`); the reference mod
 with the adapter disabled (or, when the recipe names one, a separate model used only while the reference
 log-probs are computed). Heads the fused log-prob kernels would get wrong are refused here
 (:func:`check_head`); the log-probs themselves are :mod:`dpo.model.logprobs`'s business.
+
+A GGUF checkpoint (``model.gguf_file``, a file in ``model.path``'s folder) is read by transformers:
+config, tokenizer (with its chat template) and weights, dequantized to ``model.dtype`` into an ordinary
+dense model, which trains, merges and saves like any other. It needs the optional ``gguf`` package.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -26,8 +31,53 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def check_gguf(config: ModelConfig, what: str = "model.gguf_file") -> None:
+    """Refuse, before anything slow, a GGUF checkpoint that cannot be read: the ``gguf`` package is missing,
+    or the file is not in the model folder (the message lists the GGUF files that are).
+
+    Args:
+        config: a model section; nothing is checked without ``gguf_file``.
+        what: the recipe key naming the file, for messages.
+    """
+    if config.gguf_file is None:
+        return
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(f"{what}: reading a GGUF checkpoint needs the gguf package: pip install 'dpo-train[gguf]'")
+    folder = Path(config.path).expanduser()
+    if folder.is_dir() and not (folder / config.gguf_file).is_file():
+        present = sorted(p.name for p in folder.glob("*.gguf"))
+        listing = f"the GGUF files there: {', '.join(present)}" if present else "it holds no .gguf file"
+        raise ModelError(f"{what}: {config.gguf_file} is not a file in {folder} ({listing})")
+
+
+def gguf_kwargs(config: ModelConfig) -> dict:
+    """``from_pretrained`` arguments that read ``config.gguf_file`` into a dense model ({} without one).
+
+    Recent transformers can keep a GGUF's weights packed and compute through kernels; LoRA and the merge
+    need plain weights, and a packed model cannot be saved, so dequantizing is asked for explicitly.
+    """
+    if config.gguf_file is None:
+        return {}
+    kwargs = {"gguf_file": config.gguf_file}
+    try:
+        from transformers.utils.quantization_config import GgufConfig
+    except ImportError:  # older transformers always dequantize
+        return kwargs
+    return {**kwargs, "quantization_config": GgufConfig(dequantize=True)}
+
+
+def model_location(text: str) -> tuple[str, str | None]:
+    """A model named on the command line: a folder or hub id (``(text, None)``) or a ``.gguf`` file (``(its
+    folder, its name)``)."""
+    path = Path(text).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return str(path.parent), path.name
+    return text, None
+
+
 def load_tokenizer(config: ModelConfig, path: str | None = None, key: str = "model.path"):
-    """Load the model's tokenizer; a missing pad token falls back to EOS (padding is always masked).
+    """Load the model's tokenizer (from ``path`` instead, e.g. a saved adapter's folder; else from the model,
+    or its GGUF file); a missing pad token falls back to EOS (padding is always masked).
 
     Raises:
         ModelError: it does not load; the message names ``key`` (the recipe key of the path), the path and
@@ -35,15 +85,19 @@ def load_tokenizer(config: ModelConfig, path: str | None = None, key: str = "mod
     """
     from transformers import AutoTokenizer
 
+    if path is None:
+        check_gguf(config)
     source = path or config.path
+    gguf = {"gguf_file": config.gguf_file} if path is None and config.gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code, **gguf)
     except (OSError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         todo = ("the folder needs the tokenizer's files (tokenizer.json or tokenizer.model, tokenizer_config.json)"
                 if Path(source).is_dir() else
                 f"set {key} to a local Hugging Face model folder: --set {key}=/path/to/model")
-        raise ModelError(f"{key}: cannot load the tokenizer from {source} ({first}); {todo}") from None
+        named = f" (gguf_file {config.gguf_file})" if gguf else ""
+        raise ModelError(f"{key}: cannot load the tokenizer from {source}{named} ({first}); {todo}") from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ModelError(f"{config.path}: the tokenizer has neither a pad nor an EOS token")
@@ -89,9 +143,9 @@ def is_quantized(model: nn.Module) -> bool:
 def from_pretrained_kwargs(config: ModelConfig, device: torch.device | str | None = None,
                            shardable: bool = False) -> dict:
     """Keyword arguments for ``from_pretrained`` from the recipe's model section (dtype, remote code,
-    attention, and for a k-bit base its ``quantization_config`` placed on ``device``; ``shardable``: see
-    :func:`quantization_config`)."""
-    kwargs = {"dtype": _DTYPES[config.dtype], "trust_remote_code": config.trust_remote_code}
+    attention, a GGUF file (:func:`gguf_kwargs`), and for a k-bit base its ``quantization_config`` placed on
+    ``device``; ``shardable``: see :func:`quantization_config`)."""
+    kwargs = {"dtype": _DTYPES[config.dtype], "trust_remote_code": config.trust_remote_code, **gguf_kwargs(config)}
     if config.attn_implementation is not None:
         kwargs["attn_implementation"] = config.attn_implementation
     quant = quantization_config(config, shardable)
@@ -104,18 +158,20 @@ def from_pretrained_kwargs(config: ModelConfig, device: torch.device | str | Non
 
 
 def load_base_model(config: ModelConfig, path: str | None = None, device: torch.device | str | None = None,
-                    shardable: bool = False):
-    """Load a causal LM from a local directory (or hub id) through ``from_pretrained``.
+                    shardable: bool = False, keys: tuple[str, str] = ("model.path", "model.gguf_file")):
+    """Load a causal LM from a local directory (or hub id), or its GGUF file, through ``from_pretrained``.
 
     Args:
-        config: the recipe's model section.
-        path: load this path instead of ``config.path`` (a separate reference model).
+        config: the recipe's model section (for another model, e.g. a separate reference, a copy naming it).
+        path: load this path instead of ``config.path`` (its own GGUF file is then ``config.gguf_file``).
         device: where to put the weights (quantized models are placed by bitsandbytes).
         shardable: the base will be sharded by FSDP (4-bit storage, see :func:`quantization_config`).
+        keys: the recipe keys naming the model and its GGUF file, for messages.
     """
     from transformers import AutoModelForCausalLM
 
     source = path or config.path
+    check_gguf(config.model_copy(update={"path": source}), keys[1])
     if config.trust_remote_code:
         print(f"model: trust_remote_code is ON for {source}: code from the model directory will run")
     kwargs = from_pretrained_kwargs(config, device, shardable)
@@ -124,11 +180,12 @@ def load_base_model(config: ModelConfig, path: str | None = None, device: torch.
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as exc:
         hint = "" if Path(source).exists() else " (no such local directory; as a hub id it needs the network)"
-        raise ModelError(f"model.path: cannot load {source!r}{hint}: {exc}; set model.path to a local Hugging Face "
-                         "model folder (config.json, weights, tokenizer): --set model.path=/path/to/model") from None
+        named = f" (gguf_file {config.gguf_file})" if config.gguf_file else ""
+        raise ModelError(f"{keys[0]}: cannot load {source!r}{named}{hint}: {exc}; set {keys[0]} to a local Hugging "
+                         f"Face model folder (config.json, weights, tokenizer): --set {keys[0]}=/path/to/model") from None
     except Exception as exc:
         if type(exc).__name__ == "SafetensorError":  # safetensors' own error type: a damaged weights file
-            raise ModelError(f"model.path: a weights file of {source} is damaged ({exc}); copy or download the "
+            raise ModelError(f"{keys[0]}: a weights file of {source} is damaged ({exc}); copy or download the "
                              "model again") from None
         if not isinstance(exc, ImportError) or quant is None:
             raise

@@ -1,6 +1,7 @@
 """Peak accelerator memory of one training step, estimated from the model's shape and the recipe.
 
-Every term is arithmetic on sizes that can be checked by hand; nothing is loaded but ``config.json``.
+Every term is arithmetic on sizes that can be checked by hand; nothing is loaded but ``config.json`` (or a
+GGUF file's metadata).
 
 * **Weights.** A 4-bit linear weight of ``n`` values is ``n / 2`` bytes of codes plus one scale per 64
   values: a float32 (4 bytes), or with double quantization one byte plus a float32 per 256 scales.
@@ -608,7 +609,8 @@ def memory_report(recipe: Any, train_rows: Any, device_bytes: int | None = None,
     """
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
+    gguf = {"gguf_file": recipe.model.gguf_file} if recipe.model.gguf_file else {}
+    config = AutoConfig.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code, **gguf)
     shape = ModelShape.from_config(config)
     plan = TrainingPlan.from_recipe(recipe)
     batch = longest_batch(train_rows, recipe.train.batch_size)

@@ -45,7 +45,7 @@ from dpo.online import objectives as obj
 from dpo.online.logprobs import completion_logprobs, completion_values
 from dpo.online.roles import OnlineModel
 from dpo.recipe import Recipe
-from dpo.reward import gold_scores, load_gold_scorer, score_texts
+from dpo.reward import load_gold, score_texts
 
 Log = Callable[[str], None]
 
@@ -134,7 +134,7 @@ class Rollouts:
         self.generation = recipe.online.generation
         self.ppo = recipe.task == "ppo"
         self.settings = LogprobSettings(recipe.train.logprob_impl, recipe.train.logprob_chunk_size)
-        self.gold = load_gold_scorer(self.online.gold) if self.online.gold else None
+        self.gold = load_gold(self.online.gold, what="online.gold") if self.online.gold else None
         self.kl_coef = self.online.kl_coef
         self.current: tuple[int, dict[str, Tensor]] | None = None
         self.budget = Budget()
@@ -264,7 +264,7 @@ class Rollouts:
                  "kl/k3": k3.sum(dim=1), "length": (counts - ended.long()).float(), "ended": ended.float(),
                  "entropy": torch.tensor(samples.entropy_sum) / counts.float()}
         if self.gold is not None:
-            stats["reward/gold"] = torch.tensor(gold_scores(self.gold, sample_prompts, texts, self.online.gold),
+            stats["reward/gold"] = torch.tensor([self.gold(p, t) for p, t in zip(sample_prompts, texts)],
                                                 dtype=torch.float32)
         return {**batch, "mask": mask, "old_logps": logps, "ref_logps": ref_logps}, stats
 

@@ -119,18 +119,27 @@ def hub_snapshot(repo_id: str) -> Path | None:
         return None
 
 
-def folder_identity(location: str, index: HashIndex, what: str) -> dict[str, Any]:
-    """The identity of a model or adapter named by a local folder or a hub id.
+def folder_identity(location: str, index: HashIndex, what: str, gguf_file: str | None = None) -> dict[str, Any]:
+    """The identity of a model or adapter named by a local folder or a hub id, or of one GGUF file in it.
 
     Args:
         location: a local folder, or a hub id present in the local Hugging Face cache.
         index: the digest memo.
         what: the recipe key naming ``location``, for error messages (e.g. ``model.path``).
+        gguf_file: a GGUF checkpoint in ``location``: transformers builds the network from that file alone
+            (config, weights), so it alone is the identity; other files of the folder, other GGUF files
+            among them, do not count.
 
     Returns:
-        ``{"files": {name: sha256}}`` for a local folder, ``{"hub": id, "commit": sha}`` for a hub snapshot.
+        ``{"files": {name: sha256}}`` for a local folder (with ``"gguf": name`` for a GGUF file), ``{"hub":
+        id, "commit": sha}`` for a hub snapshot (with ``"gguf"``).
     """
     folder = Path(location).expanduser()
+    if folder.is_dir() and gguf_file is not None:
+        path = folder / gguf_file
+        if not path.is_file():
+            raise IdentityError(f"{what}: {gguf_file} is not a file in {location}")
+        return {"gguf": gguf_file, "files": index.digests([path])}
     if folder.is_dir():
         files = network_files(folder)
         if not files:
@@ -142,7 +151,7 @@ def folder_identity(location: str, index: HashIndex, what: str) -> dict[str, Any
             f"{what}: {location!r} is neither a local folder nor a model in the local Hugging Face cache, so the "
             "reference cache cannot tell which weights it is; download it first or point to a local folder"
         )
-    return {"hub": location, "commit": snapshot.name}
+    return {"hub": location, "commit": snapshot.name, **({"gguf": gguf_file} if gguf_file else {})}
 
 
 def digest_of(parts: dict[str, Any]) -> str:

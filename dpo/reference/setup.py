@@ -6,7 +6,7 @@ model, and hands :mod:`dpo.reference.compute` a fingerprint and a ``logp_fn``.
 The key of a split's values is a hash of exactly what changes them:
 
 * the reference network: the content of its config and weight files (:mod:`dpo.reference.fingerprint`;
-  a hub snapshot by its commit), ``model.dtype``, ``model.quantization``, ``model.attn_implementation``
+  a hub snapshot by its commit; a GGUF checkpoint by its ``.gguf`` file alone), ``model.dtype``, ``model.quantization``, ``model.attn_implementation``
   (some architectures compute attention differently without eager), ``model.trust_remote_code``, the
   reference adapter's files (or "none": the base with the policy's adapter disabled), and the
   transformers version (the modelling code);
@@ -99,8 +99,9 @@ def network_parts(recipe: Recipe, index: HashIndex) -> dict[str, Any]:
         parts = {
             "format": FORMAT_VERSION,
             "logprob_version": LOGPROB_VERSION,
-            "model": (folder_identity(reference.model_path, index, "reference.model_path")
-                      if reference.model_path is not None else folder_identity(model.path, index, "model.path")),
+            "model": (folder_identity(reference.model_path, index, "reference.model_path", reference.gguf_file)
+                      if reference.model_path is not None
+                      else folder_identity(model.path, index, "model.path", model.gguf_file)),
             "adapter": ("none" if reference.adapter is None
                         else folder_identity(reference.adapter, index, "reference.adapter")),
             "dtype": model.dtype,
@@ -185,8 +186,14 @@ def open_reference(recipe: Recipe, settings: LogprobSettings, device, policy=Non
 
 
 def load_reference_network(recipe: Recipe, device):
-    """The separate reference model (``reference.model_path``, or the base) with ``reference.adapter`` if set."""
-    model = load_base_model(recipe.model, path=recipe.reference.model_path, device=device)
+    """The separate reference model (``reference.model_path`` and its ``reference.gguf_file``, or the base) with
+    ``reference.adapter`` if set."""
+    reference = recipe.reference
+    if reference.model_path is None:
+        model = load_base_model(recipe.model, device=device)
+    else:
+        config = recipe.model.model_copy(update={"path": reference.model_path, "gguf_file": reference.gguf_file})
+        model = load_base_model(config, device=device, keys=("reference.model_path", "reference.gguf_file"))
     if recipe.reference.adapter is not None:
         from peft import PeftModel
 

@@ -3,10 +3,10 @@
 Takes the recipe (``task: reward``) and the tokenized pairs. Hands on the reward model and its loss for
 the training loop (:func:`reward_parts`), a trained run loaded back (:func:`load_reward_run`), and scores
 of (prompt, completion) rows (:func:`score_texts`, :func:`score_file`; ``dpo-train score``), and a gold
-scorer, a Python function judging (prompt, completion) (:func:`load_gold_scorer`).
+scorer, a Python function judging (prompt, completion) (:func:`load_gold`).
 """
 
-from dpo.reward.gold import GoldScorerError, gold_scores, load_gold_scorer
+from dpo.reward.gold import Gold, GoldError, load_gold
 from dpo.reward.model import (
     HEAD,
     RewardParts,
@@ -24,15 +24,15 @@ from dpo.reward.model import (
 from dpo.reward.scoring import score_file, score_texts
 
 __all__ = [
+    "Gold",
+    "GoldError",
     "HEAD",
-    "GoldScorerError",
     "RewardParts",
     "RewardRun",
     "SequenceRewards",
     "add_reward_lora",
-    "gold_scores",
-    "load_gold_scorer",
     "bradley_terry_loss",
+    "load_gold",
     "load_reward_base",
     "load_reward_run",
     "pair_rewards",

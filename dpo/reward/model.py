@@ -26,6 +26,7 @@ from dpo.losses import LossOutput
 from dpo.model import (
     ModelError,
     PackedAttention,
+    check_gguf,
     enable_checkpointing,
     from_pretrained_kwargs,
     keep_4bit_layout_trainable,
@@ -61,6 +62,7 @@ def load_reward_base(config: ModelConfig, device: torch.device | str | None = No
     """
     from transformers import AutoModelForSequenceClassification
 
+    check_gguf(config)
     kwargs = {**from_pretrained_kwargs(config, device, shardable), "num_labels": 1}
     quant = kwargs.get("quantization_config")
     if quant is not None:

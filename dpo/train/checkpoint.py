@@ -4,7 +4,7 @@ A run's output directory (its marker and lock: :mod:`dpo.train.output_dir`)::
 
     OUT/.dpo-train                 marker: dpo-train created this directory, and every path it wrote here
     OUT/.dpo-train.lock            the lock of the run that holds the directory
-    OUT/recipe.yaml, metrics.jsonl, final_metrics.json, adapter/
+    OUT/recipe.yaml, metrics.jsonl, final_metrics.json, samples.jsonl, adapter/
     OUT/checkpoints/step-000040/
         adapter/                   the peft adapter (adapter_model.safetensors, adapter_config.json); further
                                    trained adapters (an online task's value model) in adapter/NAME/
@@ -78,6 +78,9 @@ IGNORED_ON_RESUME = frozenset({
     "output.dir", "output.report_to", "output.project", "output.tensorboard", "train.log_every", "train.eval_every", "train.save_every",
     "train.keep_last", "train.max_bad_steps", "data.num_proc", "data.cache_dir", "reference.batch_size",
     "reference.cache_dir", "reference.verify",
+    # What evaluations add and what the run says: greedy answers (run under a saved and restored RNG state)
+    # and the guards' warnings change no weight.
+    "train.warn", "train.sample_every", "eval.generate", "eval.max_new_tokens", "eval.gold", "eval.samples",
 })
 # Paths whose content a fingerprint checks: when the checkpoint has that fingerprint, a moved file is
 # fine and a changed one is caught by the fingerprint. Reference log-probs are a function of the model's

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from dpo.files import WriteFailed
 from dpo.recipe import Recipe, RecipeError, TrainConfig
 from dpo.reference import Processes, length_sorted_batches
+from dpo.reward import load_gold
 from dpo.train import curves
 from dpo.train.checkpoint import (
     CheckpointError,
@@ -65,11 +66,13 @@ from dpo.train.engine import (
     place_quant_states,
     shards_parameters,
 )
+from dpo.train.guards import Guards
 from dpo.train.inputs import check_inputs
 from dpo.train.metric_log import MetricLog
 from dpo.train.parallel import lockstep, merge_sums, shard
 from dpo.train.plan import plan_steps, warmup_steps
 from dpo.train.run_files import RUN_README, model_card, run_readme, set_adapter_base
+from dpo.train.samples import SAMPLES_FILE, HeldOutAnswers
 from dpo.train.setup import SETUPS
 from dpo.train.trackers import require_trackers
 
@@ -238,6 +241,7 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
     log = console.log
     require_trackers(recipe.output)
     check_inputs(recipe)  # every path the run reads, before anything is created
+    gold = load_gold(recipe.eval.gold) if recipe.eval.gold else None  # the user's code: fails before anything slow
     accelerator = build_accelerator(recipe, SETUP_TIMEOUT)
     out_dir, run_dir = Path(recipe.output.dir), None
     try:
@@ -247,7 +251,7 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
             run_dir = prepare_output_dir(out_dir, resume=resume, overwrite=overwrite, log=log,
                                          inputs=run_inputs(recipe, recipe_file))
             console.open_log(run_dir, resumed=bool(resume))
-        return _train(accelerator, run_dir, recipe, console, resume=resume, force=force)
+        return _train(accelerator, run_dir, recipe, console, resume=resume, force=force, gold=gold)
     except WriteFailed as exc:
         latest = latest_checkpoint(out_dir) if out_dir.is_dir() else None
         exc.kept = exc.kept or (f"The last checkpoint, {latest}, is intact; continue from it with --resume."
@@ -263,9 +267,10 @@ def train(recipe: Recipe, log: Log = print, *, resume: str | Path | bool | None 
 
 
 def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume: str | Path | bool | None,
-           force: bool) -> dict[str, dict[str, float]]:
+           force: bool, gold=None) -> dict[str, dict[str, float]]:
     """The body of :func:`train`, given the run's ``accelerate.Accelerator``, its output directory (a
-    :class:`dpo.train.output_dir.RunDirectory` on the main process, None on the others) and its console."""
+    :class:`dpo.train.output_dir.RunDirectory` on the main process, None on the others), its console and the
+    ``eval.gold`` scorer."""
     from accelerate.utils import gather_object, set_seed
 
     log = console.log
@@ -372,9 +377,19 @@ def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume:
                              batch_sampler=[batch for batch, _ in eval_batches])
     eval_counted = [counted for _, counted in eval_batches]
     has_eval = len(setup.eval_rows) > 0
+    # Greedy answers come from the main process alone, which a sharded engine's model cannot do by itself.
+    if sharded and recipe.eval.generate and setup.eval_prompts:
+        log(f"eval.generate: no greedy answers under {engine} (the parameters are "
+            "sharded across the processes); sample the saved adapter instead (dpo-train compare)")
+    answers = HeldOutAnswers.build(recipe, setup.tokenizer, setup.eval_prompts, gold, None if sharded else run_dir,
+                                   log)
+    guards = Guards(cfg.warn, log)
 
-    def run_eval() -> dict[str, float]:
-        return evaluate(no_grad_step, eval_loader, loss_fn, device, gather, eval_counted)
+    def held_out(step: int) -> dict[str, float]:
+        """Held-out metrics of the policy as it is now: the pairs' (all processes), its answers' (main), and
+        the change since the before-training evaluation."""
+        pairs = evaluate(no_grad_step, eval_loader, loss_fn, device, gather, eval_counted) if has_eval else {}
+        return guards.since_start({**pairs, **answers.evaluate(model, step, device)}) if pairs else {}
 
     def save(loop: LoopState) -> Path | None:
         # The checkpoint holds the metric window of all processes, resumed by the main one alone, and the
@@ -414,6 +429,8 @@ def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume:
             loop.window_sums, loop.window_counts = {}, {}
         if is_main and rewind_metrics(metrics_path, loop.step, final=loop.step >= total_steps):
             log(f"metrics.jsonl: dropped the records after step {loop.step} (those steps run again)")
+        if is_main:
+            rewind_metrics(out_dir / SAMPLES_FILE, loop.step, final=loop.step >= total_steps)
         log(f"resumed from {checkpoint.path}: step {loop.step} of {total_steps} "
             f"(epoch {loop.epoch}, micro-batch {loop.micro_batch})")
     else:
@@ -423,10 +440,11 @@ def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume:
                            resumed_step=loop.step if checkpoint is not None else None,
                            project=recipe.output.project, config=recipe_tree)
     if checkpoint is None:
-        loop.eval_before = run_eval() if has_eval else {}
+        loop.eval_before = held_out(0)
         if loop.eval_before:
             log(describe_eval("before training", loop.eval_before))
             metric_log.write({"split": "eval", "step": 0, **loop.eval_before})
+    guards.start = loop.eval_before  # a resumed run's, from its checkpoint
     last_checkpoint, saved_step = (checkpoint.path, loop.step) if checkpoint is not None else (None, None)
 
     # 4. The loop. A step is one optimizer update over grad_accum micro-batches (on every process);
@@ -487,17 +505,20 @@ def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume:
                               "bad_steps": loop.bad_steps, "bad_steps_consecutive": loop.consecutive_bad_steps}
                     if accelerator.scaler is not None:
                         record["scaler_overflows"] = loop.scaler_overflows
-                    metric_log.write(record)
+                    metric_log.write(guards.check(record))
                     console.show_metrics(record)
                     log(format_train_line(record, total_steps, time.perf_counter() - run_start))
                     window.reset()
                     tokens, window_start = 0, time.perf_counter()
-                if cfg.eval_every and loop.step % cfg.eval_every == 0 and loop.step < total_steps and has_eval:
-                    metrics = run_eval()
-                    metric_log.write({"split": "eval", "step": loop.step, **metrics})
+                evaluating = cfg.eval_every and loop.step % cfg.eval_every == 0 and loop.step < total_steps and has_eval
+                if evaluating:
+                    metrics = held_out(loop.step)
+                    metric_log.write(guards.check({"split": "eval", "step": loop.step, **metrics}))
                     log(describe_eval(f"step {loop.step}", metrics))
                     if is_main:
                         curves.write_run_curves(run_dir, log)
+                elif cfg.sample_every and loop.step % cfg.sample_every == 0 and loop.step < total_steps:
+                    answers.sample(model, loop.step, device)
                 if too_many_bad:
                     kept = (f"the last good checkpoint is {last_checkpoint}; resume from it with --resume once the "
                             "cause is fixed" if last_checkpoint else "no checkpoint was written before them")
@@ -522,15 +543,16 @@ def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume:
         last_checkpoint = save(loop)
 
     # 5. Held-out metrics after training, adapter and tokenizer.
-    after = run_eval() if has_eval else {}
+    after = held_out(loop.step)
     if after:
         log(describe_eval("after training", after))
-        metric_log.write({"split": "eval", "step": loop.step, **after})
+        metric_log.write(guards.check({"split": "eval", "step": loop.step, **after}))
     metric_log.close()
     if is_main:
         curves.write_run_curves(run_dir, log)
     adapter_dir = out_dir / "adapter"
-    summary = {"eval_before": loop.eval_before, "eval_after": after, "steps": loop.step, **setup.batches.summary()}
+    summary = {"eval_before": loop.eval_before, "eval_after": after, "steps": loop.step, "warnings": guards.said,
+               **setup.batches.summary()}
     adapter_state = full_adapter(accelerator, model, param_names) if engine != "single" else None
     if is_main:
         def save_adapter(folder: Path) -> None:

@@ -33,10 +33,11 @@ from dpo.train.metric_log import TENSORBOARD_DIR
 MARKER = ".dpo-train"
 LOCK_FILE = ".dpo-train.lock"
 CHECKPOINTS_DIR = "checkpoints"
+SAMPLES_FILE = "samples.jsonl"  # greedy held-out answers (dpo.train.samples)
 # The names a run writes directly inside its output directory (those of an earlier dpo-train, whose
 # marker recorded no paths, are only the first three: see RunDirectory.adopt_unrecorded).
 LEGACY_RUN_FILES = ("recipe.yaml", "metrics.jsonl", "final_metrics.json")
-RUN_FILES = (*LEGACY_RUN_FILES, "README.md", "train.log", "curves.png")
+RUN_FILES = (*LEGACY_RUN_FILES, "README.md", "train.log", "curves.png", SAMPLES_FILE)
 ADAPTER_DIR = "adapter"
 # wandb/ and mlflow/ are recorded whole, as folders only their tracker writes in (dpo.train.trackers).
 RUN_DIRS = (ADAPTER_DIR, CHECKPOINTS_DIR, TENSORBOARD_DIR, "wandb", "mlflow")
@@ -120,7 +121,7 @@ class RunDirectory:
         """The record of a folder whose marker an earlier dpo-train wrote before markers recorded paths.
 
         Such a run can still be resumed (or overwritten), so what it provably wrote is adopted: the run files
-        (``recipe.yaml``, ``metrics.jsonl``, ``final_metrics.json``), each checkpoint folder with a readable
+        (``recipe.yaml``, ``metrics.jsonl``, ``final_metrics.json``, ``samples.jsonl``), each checkpoint folder with a readable
         dpo-train manifest and exactly the files that manifest lists, the files a saved adapter and tokenizer
         consist of, and TensorBoard event files. Anything else there (a file of the user's inside
         ``adapter/``, a checkpoint folder without a manifest) is not adopted, so it is never deleted. The

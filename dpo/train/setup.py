@@ -41,6 +41,7 @@ from dpo.recipe import Recipe
 from dpo.reference import Processes, ReferenceLogps
 from dpo.reference import reference_logps as cached_reference_logps
 from dpo.train.checkpoint import tensor_fingerprint
+from dpo.train.guards import logprob_metrics
 from dpo.train.parallel import shard
 from dpo.train.plan import count_micro_batches
 
@@ -141,6 +142,8 @@ class TrainSetup:
         tokenizer: saved beside the adapter.
         train_rows: tokenized training examples.
         eval_rows: tokenized held-out examples.
+        eval_prompts: the held-out prompts as the data holds them (text or messages), in order; the
+            loop answers the first few greedily at each evaluation (none for a reward model).
         collate: list of rows -> batch of tensors.
         loss_fn: ``(step_module, batch, split) -> LossOutput``; ``split`` is "train" or "eval" (which rows'
             precomputed values to look up).
@@ -175,6 +178,7 @@ class TrainSetup:
     seed: int = 0
     lr_of: Callable[[str], float | None] | None = None
     references: Callable[[torch.nn.Module, Processes], None] | None = None
+    eval_prompts: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.batches is None:
@@ -225,15 +229,19 @@ def preference_setup(recipe: Recipe, device, log: Log, shardable: bool = False) 
             fingerprints[f"reference.{split}"] = tensor_fingerprint(values.first, values.second,
                                                                     values.first_tokens, values.second_tokens)
 
+    # The default reference is the policy's own starting point (the base with the fresh adapter off), so
+    # policy minus reference log-probs are the change since the start (see dpo.train.guards).
+    starts_at_reference = recipe.reference.model_path is None and recipe.reference.adapter is None
+
     def loss_fn(logprobs, batch, split):
-        return batch_loss(logprobs, batch, spec, options, references[split])
+        return batch_loss(logprobs, batch, spec, options, references[split], starts_at_reference)
 
     headline = (("rewards/accuracies", "held-out preference accuracy") if spec.paired
                 else ("rewards/gap", "held-out reward gap, desirable minus undesirable"))
     return TrainSetup(policy, SequenceLogprobs(policy, settings, packing), tokenizer, data.train, data.eval, collate,
                       loss_fn, headline, drop_last=not spec.paired, fingerprints=fingerprints,
                       batch_size=cfg.batch_size, seed=cfg.seed,
-                      references=fill_references if spec.needs_reference else None)
+                      references=fill_references if spec.needs_reference else None, eval_prompts=data.eval_prompts)
 
 
 def reward_setup(recipe: Recipe, device, log: Log, shardable: bool = False) -> TrainSetup:
@@ -266,7 +274,7 @@ def sft_setup(recipe: Recipe, device, log: Log, shardable: bool = False) -> Trai
     fingerprints = {"data.train": data.train_fingerprint, "data.eval": data.eval_fingerprint}
     return TrainSetup(policy, SequenceLogprobs(policy, settings), tokenizer, train_rows, eval_rows, collate, loss_fn,
                       ("loss", "held-out NLL per completion token"), fingerprints=fingerprints,
-                      batch_size=cfg.batch_size, seed=cfg.seed)
+                      batch_size=cfg.batch_size, seed=cfg.seed, eval_prompts=data.eval_prompts)
 
 
 def desirable(rows, log: Log, key: str):
@@ -328,9 +336,10 @@ def split_logps(first: Tensor, second: Tensor, first_tokens: Tensor, second_toke
 
 
 def batch_loss(logprobs: SequenceLogprobs, batch: dict[str, Tensor], spec: LossSpec, options: dict[str, float],
-               reference: ReferenceLogps | None) -> LossOutput:
+               reference: ReferenceLogps | None, starts_at_reference: bool = False) -> LossOutput:
     """Policy log-probs for one collated batch (through the step module), looked-up reference values, and the
-    registered loss."""
+    registered loss, whose metrics get the guards' log-prob values (:func:`dpo.train.guards.logprob_metrics`;
+    the change since the start when ``starts_at_reference``: the reference is the starting policy)."""
     sums, counts = logprobs(batch)
     b = batch["index"].shape[0]
     counts = counts.float()
@@ -339,7 +348,9 @@ def batch_loss(logprobs: SequenceLogprobs, batch: dict[str, Tensor], spec: LossS
     if reference is not None:
         ref_first, ref_second = reference.lookup(batch["index"])
         reference_logps = split_logps(ref_first, ref_second, counts[:b], counts[b:], batch, spec)
-    return spec.compute(policy_logps, reference_logps, options)
+    out = spec.compute(policy_logps, reference_logps, options)
+    out.metrics.update(logprob_metrics(policy_logps, reference_logps if starts_at_reference else None))
+    return out
 
 
 def compute_references(recipe: Recipe, policy, data, collate, settings: LogprobSettings, device, log: Log, *,

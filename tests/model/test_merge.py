@@ -11,7 +11,7 @@ import torch
 
 from dpo.cli import main
 from dpo.model import LogprobSettings, load_base_model, sequence_logprobs
-from dpo.model.merge import MATCH_TOLERANCE, MergeError, merge_run, sample_batch
+from dpo.model.merge import FLOAT32_TOLERANCE, MergeError, merge_run, sample_batch
 from dpo.recipe import ModelConfig
 from tests.helpers import build_tiny_model, write_jsonl, write_recipe
 
@@ -93,13 +93,17 @@ def test_merge_saves_a_plain_model_whose_log_probs_match_the_adapter(qlora_run, 
     assert (float32 - base_only).abs().max() > 10 * tolerance
 
 
-def test_merge_reports_the_difference_it_checked(qlora_run, tmp_path):
+def test_merge_checks_in_float32_states_the_criterion_and_reports_the_cast(qlora_run, tmp_path):
     messages: list[str] = []
     report = merge_run(qlora_run, tmp_path / "m", dtype="bfloat16", device="cpu", log=messages.append)
-    assert report.dtype == "bfloat16" and report.tolerance == MATCH_TOLERANCE["bfloat16"]
+    assert report.dtype == "bfloat16" and report.tolerance == FLOAT32_TOLERANCE
     assert 0.0 <= report.max_difference <= report.tolerance
-    assert report.adapter_effect > report.max_difference
-    assert any("differ by at most" in m for m in messages)
+    assert report.adapter_effect > 10 * report.max_difference
+    assert 0.0 < report.rounding < report.adapter_effect  # casting rounds; it does not undo the adapter
+    checked = next(m for m in messages if m.startswith("merge: checked in float32"))
+    assert f"differ from base + adapter by at most {report.max_difference:.2e} (must be <= 0.0001" in checked
+    assert any(m.startswith("merge: cast to bfloat16: rounding the merged weights moves") for m in messages)
+    assert merge_run(qlora_run, tmp_path / "m32", dtype="fp32", log=lambda _: None).rounding == 0.0
 
 
 def test_a_merge_that_changes_the_function_is_refused_and_nothing_is_saved(qlora_run, tmp_path, monkeypatch):
@@ -128,3 +132,42 @@ def test_merge_errors_name_the_problem(qlora_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["merge", str(qlora_run), "--out", str(tmp_path / "o"), "--dtype", "int4"])
     assert "--dtype 'int4'" in capsys.readouterr().err
+
+
+def test_a_run_on_a_gguf_base_merges_into_a_plain_safetensors_model(tmp_path):
+    """The GGUF is dequantized for training and for the merge; the merged folder holds no GGUF and no
+    quantization config, reloads with from_pretrained and answers as base + adapter."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import build_tiny_gguf, yes_no_pairs
+
+    pytest.importorskip("gguf")
+    build_tiny_gguf(tmp_path / "gguf", "tiny.gguf")
+    write_jsonl(tmp_path / "train.jsonl", yes_no_pairs(24, 0, range(100, 500)))
+    write_jsonl(tmp_path / "eval.jsonl", yes_no_pairs(8, 1, range(500, 999)))
+    recipe = write_recipe(tmp_path / "recipe.yaml", {
+        "model": {"path": str(tmp_path / "gguf"), "gguf_file": "tiny.gguf"},
+        "data": {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl"), "max_length": 48,
+                 "max_prompt_length": 32},
+        "lora": {"r": 8, "alpha": 16},
+        "loss": {"name": "dpo", "beta": 0.5},
+        "train": {"max_steps": 4, "batch_size": 8, "lr": 0.02, "warmup_steps": 0, "log_every": 2},
+        "eval": {"samples": 1, "max_new_tokens": 4},
+        "reference": {"cache_dir": str(tmp_path / "cache")},
+        "output": {"dir": str(tmp_path / "run")},
+    })
+    main([str(recipe)])
+    final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
+    assert final["eval_after"]["rewards/accuracies"] > 0.5
+    out = tmp_path / "merged"
+    main(["merge", str(tmp_path / "run"), "--out", str(out)])
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.gguf"))
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    from peft import PeftModel
+
+    gguf_base = load_base_model(ModelConfig(path=str(tmp_path / "gguf"), gguf_file="tiny.gguf"), device="cpu")
+    adapter = PeftModel.from_pretrained(gguf_base, tmp_path / "run" / "adapter").eval()
+    batch = sample_batch(merged.config.vocab_size, seed=2)
+    assert (_mean_logps(merged.float(), batch) - _mean_logps(adapter, batch)).abs().max() < 2e-2

@@ -51,3 +51,22 @@ def test_hub_models_are_identified_by_their_snapshot_commit(tmp_path, monkeypatc
     assert folder_identity("org/tiny", HashIndex(None), "model.path")["commit"] == "b" * 40
     with pytest.raises(IdentityError, match="model.path: 'org/absent'"):
         folder_identity("org/absent", HashIndex(None), "model.path")
+
+
+def test_a_gguf_checkpoint_is_identified_by_its_own_file_alone(tmp_path):
+    from tests.helpers import build_tiny_gguf
+
+    pytest.importorskip("gguf")
+    folder = tmp_path / "model"
+    build_tiny_gguf(folder, "a.gguf", seed=0)
+    build_tiny_gguf(folder, "b.gguf", seed=1)
+    (folder / "__init__.py").write_text("# a package folder, as a pip-installed model is\n")
+    index = HashIndex(None)
+    first = folder_identity(str(folder), index, "model.path", "a.gguf")
+    assert first == {"gguf": "a.gguf", "files": {"a.gguf": first["files"]["a.gguf"]}}
+    assert folder_identity(str(folder), index, "model.path", "b.gguf")["files"]["b.gguf"] != first["files"]["a.gguf"]
+    (folder / "b.gguf").write_bytes(b"changed")  # another GGUF file of the folder does not count
+    (folder / "__init__.py").write_text("# changed\n")
+    assert folder_identity(str(folder), index, "model.path", "a.gguf") == first
+    with pytest.raises(IdentityError, match="model.path: c.gguf is not a file in"):
+        folder_identity(str(folder), index, "model.path", "c.gguf")

@@ -359,3 +359,21 @@ def test_unusable_identity_is_a_clear_model_error(tmp_path, assets):
     _, data, _ = prepared(make_recipe(assets, tmp_path / "cache"))
     with pytest.raises(ModelError, match="reference.model_path: .* holds no config or weight files"):
         reference_keys(recipe, data)
+
+
+def test_a_gguf_base_is_keyed_by_its_own_file_and_a_gguf_reference_by_its(tmp_path, assets):
+    from tests.helpers import build_tiny_gguf
+
+    pytest.importorskip("gguf")
+    cache, folder = tmp_path / "cache", tmp_path / "gguf"
+    build_tiny_gguf(folder, "a.gguf", seed=0)
+    build_tiny_gguf(folder, "b.gguf", seed=1)
+    gguf_a = make_recipe(assets, cache, model={"path": str(folder), "gguf_file": "a.gguf"})
+    _, data, _ = prepared(gguf_a)
+    parts = reference_keys(gguf_a, data)["train"][1]
+    assert parts["model"]["gguf"] == "a.gguf" and set(parts["model"]["files"]) == {"a.gguf"}
+    gguf_b = make_recipe(assets, cache, model={"path": str(folder), "gguf_file": "b.gguf"})
+    assert reference_keys(gguf_b, data)["train"][0] != reference_keys(gguf_a, data)["train"][0]
+    separate = make_recipe(assets, cache, model={"path": str(folder), "gguf_file": "a.gguf"},
+                           reference={"model_path": str(folder), "gguf_file": "b.gguf"})
+    assert reference_keys(separate, data)["train"][1]["model"] == reference_keys(gguf_b, data)["train"][1]["model"]

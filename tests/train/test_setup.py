@@ -31,10 +31,10 @@ def test_reference_is_computed_before_the_first_step_and_never_inside_it(tmp_pat
         events.append("reference")
         return real_compute(*args, **kwargs)
 
-    def batch_loss(policy, batch, spec, options, reference):
+    def batch_loss(policy, batch, spec, options, reference, *rest):
         events.append("step" if policy.training else "eval")
         assert reference is not None
-        return real_batch_loss(policy, batch, spec, options, reference)
+        return real_batch_loss(policy, batch, spec, options, reference, *rest)
 
     monkeypatch.setattr(train_setup, "compute_references", compute)
     monkeypatch.setattr(train_setup, "batch_loss", batch_loss)
