@@ -242,6 +242,10 @@ def plan_packing(model: nn.Module, max_length: int | None, device, log: Log | No
     plan = static_problem(model, max_length)
     if isinstance(plan, str):
         return plan
+    if any(hasattr(param, "ds_id") for param in model.parameters()):
+        # DeepSpeed ZeRO-3 partitions the weights as they load: a forward outside its engine (the probe) sees
+        # empty shards, and a packed layout that was never probed is not trusted.
+        return "the weights are partitioned by DeepSpeed ZeRO-3 as they load, so the probe pair cannot run"
     flex = use_flex_attention(model, plan, device)
     if flex is not plan:
         try:
