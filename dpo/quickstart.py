@@ -106,6 +106,63 @@ def make_pairs(count: int, seed: int, numbers: range | list[int] = range(10, 100
     return pairs
 
 
+# The kinds of rejected answer in the reward model's pairs, and how often each is drawn (see make_reward_pairs).
+REJECTED_KINDS = {"value": 0.4, "form": 0.15, "truncated": 0.15, "extended": 0.15, "garbled": 0.15}
+ANSWER_WORDS = ("even", "odd")
+GARBLE = string.ascii_letters + string.digits + string.punctuation  # printable, no whitespace
+
+
+def _malformed(rng: random.Random, prompt: str, correct: str, wrong: list[str], kind: str) -> str:
+    """A rejected answer of ``kind`` (see :data:`REJECTED_KINDS`) to ``prompt``: wrong by :func:`is_correct`."""
+    digits = [f" {d}" for d in range(10)]
+    words = [f" {w}" for w in ANSWER_WORDS]
+    if kind == "value":  # the right form, the wrong value
+        return rng.choice(wrong)
+    if kind == "form":  # an answer of another question's form
+        if prompt.startswith("Parity of"):
+            return rng.choice(digits)
+        if prompt.startswith("Mod 5 of"):
+            return rng.choice(words + digits[5:])
+        return rng.choice(words)
+    if kind == "truncated":  # a word answer cut short
+        word = rng.choice(ANSWER_WORDS)
+        return " " + word[: rng.randint(1, len(word) - 1)]
+    if kind == "extended":  # an answer with more after it: a repeat, a second answer, a second digit
+        first = rng.choice([correct] + wrong)
+        second = rng.choice(digits + words)
+        return first + (second if rng.random() < 0.5 else second.lstrip())
+    if kind == "garbled":  # an answer with a character replaced or added, or a few random characters
+        if rng.random() < 0.3:
+            return " " + "".join(rng.choice(GARBLE) for _ in range(rng.randint(1, 3)))
+        text = rng.choice([correct] + wrong + words)
+        at = rng.randrange(len(text) + 1)
+        cut = at + (rng.random() < 0.5 and at < len(text))  # replace the character at `at`, or insert there
+        return text[:at] + rng.choice(GARBLE) + text[cut:]
+    raise ValueError(f"unknown rejected kind {kind!r}")
+
+
+def make_reward_pairs(count: int, seed: int, numbers: range | list[int] = range(10, 1000)) -> list[dict[str, str]]:
+    """``count`` pairs for a reward model: chosen is the correct answer as in :func:`make_pairs`, rejected an
+    answer that is wrong in one of the ways of :data:`REJECTED_KINDS`: a wrong value of the right form, an answer
+    of another question's form, a word cut short, or an answer with more after it.
+
+    A reward model trained only on wrong values never sees an answer of the wrong form and may score one
+    higher than any right answer; a policy optimised against it finds such answers (reward hacking).
+    """
+    rng = random.Random(seed)
+    kinds = ["parity", "last_digit", "mod5"]
+    rejected_kinds, weights = list(REJECTED_KINDS), list(REJECTED_KINDS.values())
+    pairs = []
+    for _ in range(count):
+        prompt, correct, wrong = _question(rng.choice(numbers), rng.choice(kinds))
+        kind = rng.choices(rejected_kinds, weights)[0]
+        rejected = _malformed(rng, prompt, correct, wrong, kind)
+        while is_correct(prompt, rejected):  # a garbled answer can come out right ("5" for " 5"): draw again
+            rejected = _malformed(rng, prompt, correct, wrong, kind)
+        pairs.append({"prompt": prompt, "chosen": correct, "rejected": rejected})
+    return pairs
+
+
 def is_correct(prompt: str, answer: str) -> bool:
     """The rule that labels the data: does ``answer`` correctly answer ``prompt``?"""
     number = int(prompt.rstrip(":").split()[-1])
@@ -143,6 +200,9 @@ def write_assets(directory: str | Path, *, train_pairs: int = 2000, eval_pairs: 
     splits = {
         "train.jsonl": make_pairs(train_pairs, seed + 1, numbers=train_numbers),
         "eval.jsonl": make_pairs(eval_pairs, seed + 2, numbers=eval_numbers),
+        # The reward model's pairs: the same split of the numbers, rejected answers wrong in every way.
+        "reward-train.jsonl": make_reward_pairs(train_pairs, seed + 3, numbers=train_numbers),
+        "reward-eval.jsonl": make_reward_pairs(eval_pairs, seed + 4, numbers=eval_numbers),
     }
     for name, rows in splits.items():
         with open(data_dir / name, "w", encoding="utf-8") as handle:

@@ -26,8 +26,9 @@ def final(run: Path) -> dict:
 def pipeline(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("online-quickstart")
     main(["recipes/sft-quickstart.yaml", "--set", f"output.dir={tmp / 'sft'}", "--set", "train.log_every=50"])
-    # The shipped reward model as it is: shorter ones (500-1000 steps) reach the same held-out accuracy but score
-    # some answers of the wrong form highly, and PPO and RLOO then raise the proxy at the gold reward's expense.
+    # The shipped reward model as it is, trained on pairs whose rejected answers are wrong in every way (wrong value,
+    # wrong form, cut short, extended, garbled): one trained only on wrong values scores some answers of the wrong
+    # form above every right one, and PPO then raises the proxy at the gold reward's expense.
     main(["recipes/reward-quickstart.yaml", "--set", f"output.dir={tmp / 'reward'}", "--set", "train.eval_every=null",
           "--set", "train.log_every=250"])
     return tmp
@@ -55,7 +56,8 @@ def test_online_baselines_raise_the_proxy_and_the_gold_reward(pipeline, recipe):
     summary = online(pipeline, recipe, task)
     before, after = summary["eval_before"], summary["eval_after"]
     assert before["kl/k1"] == 0.0  # the policy starts as the reference: the SFT adapter
-    assert after["reward/proxy"] > before["reward/proxy"] + 0.3, (before, after)
+    # Across training seeds (here, 2-core CPU) the held-out proxy rose by 0.15-0.7 and the gold by 0.02-0.1.
+    assert after["reward/proxy"] > before["reward/proxy"] + 0.1, (before, after)
     assert after["reward/gold"] > before["reward/gold"], (before, after)
     assert math.isfinite(after["kl/k1"]) and 0 < after["kl/k1"] < 5
     assert summary["budget"]["samples_generated"] > 0 and summary["budget"]["wall_time_s"] > 0
