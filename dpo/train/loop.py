@@ -383,7 +383,7 @@ def _train(accelerator, run_dir, recipe: Recipe, console: RunConsole, *, resume:
             "sharded across the processes); sample the saved adapter instead (dpo-train compare)")
     answers = HeldOutAnswers.build(recipe, setup.tokenizer, setup.eval_prompts, gold, None if sharded else run_dir,
                                    log)
-    guards = Guards(cfg.warn, log)
+    guards = Guards(cfg.warn and recipe.task == "preference", log)  # their advice is for the preference losses
 
     def held_out(step: int) -> dict[str, float]:
         """Held-out metrics of the policy as it is now: the pairs' (all processes), its answers' (main), and
