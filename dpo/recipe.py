@@ -346,6 +346,16 @@ class TrainConfig(_Section):
 # ------------------------------------------------------------------------------------------------ eval
 
 
+def gold_spec(value: str | None) -> str | None:
+    """``value`` if it names a gold scorer (``module:function`` or ``path/to/file.py:function``; None: none),
+    else a ValueError saying the form. Loading it is :func:`dpo.reward.load_gold`'s."""
+    module, sep, function = (value or "").rpartition(":")
+    if value is not None and (not sep or not module.strip() or not function.strip().isidentifier()):
+        raise ValueError("expected module:function or path/to/file.py:function (e.g. dpo.quickstart:gold), "
+                         f"got {excerpt(value)}")
+    return value
+
+
 class EvalConfig(_Section):
     """What each evaluation adds to the held-out pairs' metrics: greedy answers to held-out prompts.
 
@@ -366,12 +376,7 @@ class EvalConfig(_Section):
     @field_validator("gold")
     @classmethod
     def _gold_form(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        module, sep, function = value.rpartition(":")
-        if not sep or not module.strip() or not function.strip().isidentifier():
-            raise ValueError("expected module:function or path/to/file.py:function, e.g. dpo.quickstart:gold")
-        return value
+        return gold_spec(value)
 
 
 # ------------------------------------------------------------------------------------------ reference
@@ -476,11 +481,7 @@ class OnlineConfig(_Section):
     @field_validator("gold")
     @classmethod
     def _gold_spec(cls, value: str | None) -> str | None:
-        module, sep, function = (value or "").rpartition(":")
-        if value is not None and (not sep or not module.strip() or not function.strip().isidentifier()):
-            raise ValueError("expected module:function or path/to/file.py:function (e.g. dpo.quickstart:gold), "
-                             f"got {excerpt(value)}")
-        return value
+        return gold_spec(value)
 
 
 # --------------------------------------------------------------------------------------------- output

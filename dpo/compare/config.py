@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dpo.recipe import DataConfig, RecipeError, parse_override, read_yaml_file
+from dpo.recipe import DataConfig, RecipeError, gold_spec, parse_override, read_yaml_file
 
 
 class CompareError(ValueError):
@@ -121,11 +121,7 @@ class CompareConfig(_Section):
     @field_validator("gold")
     @classmethod
     def _gold_spec(cls, value: str | None) -> str | None:
-        module, sep, function = (value or "").rpartition(":")
-        if value is not None and (not sep or not module.strip() or not function.strip().isidentifier()):
-            raise ValueError("expected module:function or path/to/file.py:function (e.g. dpo.quickstart:gold), "
-                             f"got {value[:60]!r}")
-        return value
+        return gold_spec(value)
 
     @model_validator(mode="after")
     def _names(self) -> CompareConfig:
