@@ -162,7 +162,7 @@ def as_written_before_markers_recorded_paths(out: Path) -> None:
     """Give ``out`` the marker an earlier dpo-train wrote: its name and version, no record of paths; and take
     away the files that version did not write yet (a README.md there would be the user's)."""
     (out / ".dpo-train").write_text(json.dumps({"created_by": "dpo-train", "version": "0.1.0"}) + "\n")
-    for name in ("README.md", "train.log", "curves.png"):
+    for name in ("README.md", "train.log", "curves.png", "samples.jsonl"):
         (out / name).unlink(missing_ok=True)
 
 
