@@ -160,11 +160,8 @@ def compute_reference_logps(
                 checkpoint(values)
                 last_checkpoint, unsaved = time.perf_counter(), False
     except BaseException:
-        if checkpoint is not None and unsaved:
-            try:
-                checkpoint(values)
-            except Exception as exc:  # keep the original failure; the lost progress is only recomputed
-                log(f"{desc}: could not save progress ({exc})")
+        if unsaved:
+            save_progress_after_failure(checkpoint, values, desc, log)
         raise
     finally:
         bar.close()
@@ -172,6 +169,27 @@ def compute_reference_logps(
     if todo:
         rate = 2 * len(todo) / elapsed if elapsed > 0 else float("inf")
         log(f"{desc}: computed {2 * len(todo)} sequences in {elapsed:.1f}s ({rate:.1f} sequences/s)")
+    return finite_reference_logps(values, desc)
+
+
+def save_progress_after_failure(checkpoint: Callable[[StoredValues], None] | None, values: StoredValues, desc: str,
+                                log: Log) -> None:
+    """Save ``values`` through ``checkpoint`` (if any) while a failure propagates, so a later run resumes; a
+    failure of the save itself is only logged, keeping the original one (the lost progress is recomputed)."""
+    if checkpoint is None:
+        return
+    try:
+        checkpoint(values)
+    except Exception as exc:
+        log(f"{desc}: could not save progress ({exc})")
+
+
+def finite_reference_logps(values: StoredValues, desc: str) -> ReferenceLogps:
+    """The computed values as :class:`ReferenceLogps`.
+
+    Raises:
+        ValueError: some log-prob is not finite (the reference model overflows), naming the first example.
+    """
     result = ReferenceLogps(**values.tensors)
     bad = ~(torch.isfinite(result.first) & torch.isfinite(result.second))
     if bad.any():

@@ -26,7 +26,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dpo.reference.compute import LogpFn, ReferenceLogps, _longest_first, example_indices
+from dpo.reference.compute import (
+    LogpFn,
+    ReferenceLogps,
+    _longest_first,
+    example_indices,
+    finite_reference_logps,
+    save_progress_after_failure,
+)
 from dpo.reference.store import StoredValues
 
 Log = Callable[[str], None]
@@ -175,11 +182,8 @@ def compute_sharded(
                 checkpoint(values)
                 last_checkpoint, unsaved = time.perf_counter(), False
     except BaseException:
-        if checkpoint is not None and unsaved:
-            try:
-                checkpoint(values)
-            except Exception as exc:  # keep the original failure; the lost progress is only recomputed
-                log(f"{desc}: could not save progress ({exc})")
+        if unsaved:
+            save_progress_after_failure(checkpoint, values, desc, log)
         raise
     finally:
         bar.close()
@@ -188,11 +192,4 @@ def compute_sharded(
         rate = 2 * todo / elapsed if elapsed > 0 else float("inf")
         log(f"{desc}: computed {2 * todo} sequences in {elapsed:.1f}s over {processes.world} processes "
             f"({rate:.1f} sequences/s)")
-    result = ReferenceLogps(**values.tensors)
-    bad = ~(torch.isfinite(result.first) & torch.isfinite(result.second))
-    if bad.any():
-        raise ValueError(
-            f"{desc}: the reference model gives non-finite log-probs for {int(bad.sum())} examples (first: "
-            f"index {int(bad.nonzero()[0])}); check the model and model.dtype (float16 overflows easily)"
-        )
-    return result
+    return finite_reference_logps(values, desc)
