@@ -20,9 +20,9 @@ TRAIN_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "
               "logps/chosen", "logps/rejected", "grad_norm", "lr", "tokens_per_s", "step", "epoch"}
 
 
-def tiny_recipe(tmp_path: Path, **sections) -> Path:
+def tiny_recipe(tmp_path: Path, *, train_pairs: int = 48, eval_pairs: int = 24, **sections) -> Path:
     model = build_tiny_model(tmp_path / "model")
-    train, eval_ = write_pairs(tmp_path / "data", train=48, eval=24)
+    train, eval_ = write_pairs(tmp_path / "data", train=train_pairs, eval=eval_pairs)
     tree = {
         "model": {"path": str(model)},
         "data": {"train": str(train), "eval": str(eval_), "max_length": 64, "max_prompt_length": 48},

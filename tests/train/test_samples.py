@@ -8,28 +8,11 @@ from pathlib import Path
 from dpo.cli import main
 from dpo.quickstart import gold
 from dpo.train.output_dir import MARKER, SAMPLES_FILE
-from tests.helpers import build_tiny_model, write_pairs, write_recipe
+from tests.train.test_loop import read_jsonl, tiny_recipe
 
 
 def answering_recipe(tmp_path: Path, **sections) -> Path:
-    model = build_tiny_model(tmp_path / "model")
-    train, eval_ = write_pairs(tmp_path / "data", train=32, eval=16)
-    tree = {
-        "model": {"path": str(model)},
-        "data": {"train": str(train), "eval": str(eval_), "max_length": 64, "max_prompt_length": 48},
-        "lora": {"r": 8, "alpha": 16},
-        "loss": {"name": "dpo", "beta": 0.5},
-        "train": {"max_steps": 4, "batch_size": 8, "lr": 0.003, "log_every": 2, "seed": 3},
-        "reference": {"batch_size": 16},
-        "output": {"dir": str(tmp_path / "out")},
-    }
-    for key, value in sections.items():
-        tree[key] = {**tree.get(key, {}), **value}
-    return write_recipe(tmp_path / "recipe.yaml", tree)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return tiny_recipe(tmp_path, train_pairs=32, eval_pairs=16, **sections)
 
 
 def test_samples_jsonl_holds_greedy_answers_at_each_evaluation_and_every_sample_every_steps(tmp_path, capsys):
