@@ -625,12 +625,7 @@ def memory_report(recipe: Any, train_rows: Any, device_bytes: int | None = None,
              estimate.format(batch, shape, plan),
              f"  {'reference / eval pass (no grad)':<34}{format_bytes(no_grad)} "
              f"(reference.batch_size {recipe.reference.batch_size} pairs)"]
-    device_bytes = device_memory_bytes() if device_bytes is None else device_bytes
-    budget, source = None, ""
-    if recipe.model.max_memory_gb is not None:
-        budget, source = int(recipe.model.max_memory_gb * GiB), "model.max_memory_gb"
-    elif device_bytes is not None:
-        budget, source = device_bytes, "the detected device"
+    budget, source = memory_budget(recipe, device_bytes)
     if budget is None:
         lines.append("  no CUDA device detected: set model.max_memory_gb to check the estimate against your card")
         return "\n".join(lines), True
@@ -643,6 +638,17 @@ def memory_report(recipe: Any, train_rows: Any, device_bytes: int | None = None,
                      f"({source}); "
                      + _advice(recipe, plan, estimate, no_grad, engine, processes))
     return "\n".join(lines), fits
+
+
+def memory_budget(recipe: Any, device_bytes: int | None = None) -> tuple[int | None, str]:
+    """The accelerator memory a dry run checks its estimate against, and where that figure comes from:
+    ``model.max_memory_gb`` if set, else ``device_bytes`` (None: the detected CUDA device's), else (None, "")."""
+    if recipe.model.max_memory_gb is not None:
+        return int(recipe.model.max_memory_gb * GiB), "model.max_memory_gb"
+    device_bytes = device_memory_bytes() if device_bytes is None else device_bytes
+    if device_bytes is not None:
+        return device_bytes, "the detected device"
+    return None, ""
 
 
 def _advice(recipe: Any, plan: TrainingPlan, estimate: MemoryEstimate, no_grad: int, engine: str = "single",

@@ -25,14 +25,13 @@ from dataclasses import dataclass
 from dpo.model.memory import (
     LORA_BYTES,
     Batch,
-    GiB,
     ModelShape,
     TrainingPlan,
-    device_memory_bytes,
     estimate_no_grad_pass,
     estimate_step,
     format_bytes,
     lora_tensor_sizes,
+    memory_budget,
     optimizer_state_bytes,
     weight_bytes,
 )
@@ -148,12 +147,7 @@ def online_memory_report(recipe: Recipe, device_bytes: int | None = None) -> tup
                  f"+ the {phase} phase)")
     if reward_line:
         lines.append(reward_line)
-    device_bytes = device_memory_bytes() if device_bytes is None else device_bytes
-    budget, source = None, ""
-    if recipe.model.max_memory_gb is not None:
-        budget, source = int(recipe.model.max_memory_gb * GiB), "model.max_memory_gb"
-    elif device_bytes is not None:
-        budget, source = device_bytes, "the detected device"
+    budget, source = memory_budget(recipe, device_bytes)
     if budget is None:
         lines.append("  no CUDA device detected: set model.max_memory_gb to check the estimate against your card")
         return "\n".join(lines), True
