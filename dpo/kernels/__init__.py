@@ -7,8 +7,9 @@ before any matmul; the others get 0.0 and no gradient).
 
 Two implementations compute the same function:
 
-* ``"torch"`` (:mod:`dpo.kernels.torch_logprobs`): chunked PyTorch, logits recomputed in the backward.
-  The reference, and the path for CPU tensors.
+* ``"torch"`` (:mod:`dpo.kernels.torch_logprobs`): chunked PyTorch. The reference, and the path for CPU
+  tensors. With a frozen head the forward forms the hidden states' gradient as below (two matmuls); a
+  trainable head recomputes the logits in the backward (three).
 * ``"triton"`` (:mod:`dpo.kernels.triton_logprobs`): cuBLAS matmuls around fused Triton passes. With a
   frozen head the gradient with respect to the hidden states, ``W[t] - softmax(z) @ W``, does not depend
   on the loss, so the forward forms it chunk by chunk and the backward is a scale by the upstream
@@ -28,6 +29,7 @@ from torch import Tensor
 from .torch_logprobs import (
     TORCH_BYTES_PER_LOGIT,
     TORCH_WORKSPACE_BYTES,
+    TorchFrozenHeadLogprobs,
     TorchTokenLogprobs,
     default_token_chunk,
 )
@@ -110,7 +112,13 @@ def token_logprobs(
     else:
         if chunk_size is None:
             chunk_size = default_token_chunk(vocab_size, TORCH_BYTES_PER_LOGIT, TORCH_WORKSPACE_BYTES)
-        kept_logprobs = TorchTokenLogprobs.apply(kept_hidden, head, kept_targets, softcap, chunk_size)
+        if trainable:
+            kept_logprobs = TorchTokenLogprobs.apply(kept_hidden, head, kept_targets, softcap, chunk_size)
+        else:
+            wants_hidden_grad = torch.is_grad_enabled() and kept_hidden.requires_grad
+            kept_logprobs = TorchFrozenHeadLogprobs.apply(
+                kept_hidden, head, kept_targets, softcap, chunk_size, wants_hidden_grad
+            )
 
     logprobs = torch.zeros(targets.shape[0], dtype=torch.float32, device=hidden.device)
     return logprobs.index_copy(0, positions, kept_logprobs)

@@ -1,10 +1,17 @@
 """Chunked PyTorch log-probs of target tokens: the reference implementation and the CPU path.
 
 The forward walks the tokens in chunks of whole vocabulary rows: one ``[chunk, V]`` float32 logits block
-at a time gives each token's log-sum-exp and target logit, and only those ``[M]`` numbers are kept. The
-backward recomputes each block, turns it into ``d logp / d logits = onehot - softmax`` (times the softcap
-derivative) and multiplies it back through the head. Peak memory is a few ``[chunk, V]`` blocks, never
-``[M, V]``.
+at a time gives each token's log-sum-exp and target logit. Peak memory is a few ``[chunk, V]`` blocks,
+never ``[M, V]``. Two autograd functions, as in :mod:`dpo.kernels.triton_logprobs`:
+
+* :class:`TorchTokenLogprobs` (trainable head): the forward keeps only the ``[M]`` log-sum-exps; the
+  backward recomputes each block, turns it into ``d logp / d logits = onehot - softmax`` (times the
+  softcap derivative), scales it by the upstream gradient and multiplies it back through the head. Three
+  matmuls in all.
+* :class:`TorchFrozenHeadLogprobs` (frozen head, LoRA): each token's log-prob depends on its own hidden
+  state only, so ``d logp_t / d h_t = (onehot(t) - softmax(z_t)) @ W`` does not depend on the loss. The
+  forward forms it from the block it already holds (one more matmul) and keeps it, ``[M, H]`` float32;
+  the backward scales it by the upstream gradient. Two matmuls in all, and the softmax is formed once.
 """
 
 from __future__ import annotations
@@ -74,10 +81,50 @@ def softcap_(logits: Tensor, softcap: float | None) -> Tensor:
     return logits.div_(softcap).tanh_().mul_(softcap)
 
 
+def softcap_slope(capped_logits: Tensor, softcap: float | None) -> Tensor | None:
+    """Chain rule through the softcap: ``d(c tanh(z / c)) / dz = 1 - tanh(z / c)^2``, from the capped logits.
+
+    Args:
+        capped_logits: [T, V] logits after :func:`softcap_`.
+        softcap: The cap ``c``, or None.
+
+    Returns:
+        [T, V] float32 slope, or None without a softcap.
+    """
+    if softcap is None:
+        return None
+    return (capped_logits / softcap).square_().neg_().add_(1.0)
+
+
+def logprob_grad_logits_(
+    logits: Tensor, log_normalizers: Tensor, targets: Tensor, cap_slope: Tensor | None
+) -> Tensor:
+    """``d logp_t / d z = onehot(t) - softmax(z)`` (times the softcap slope), built in place over ``logits``.
+
+    The one-hot is added in float32, before any rounding to the head's dtype, so that a near-certain target
+    (p_t ~ 1) does not cancel catastrophically.
+
+    Args:
+        logits: [T, V] float32 (capped) logits; overwritten.
+        log_normalizers: [T] their log-sum-exps.
+        targets: [T] int64 target ids.
+        cap_slope: [T, V] from :func:`softcap_slope`, or None.
+
+    Returns:
+        ``logits``, now holding [T, V] float32 ``d logp / d z``.
+    """
+    grad_logits = logits.sub_(log_normalizers[:, None]).exp_().neg_()
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    grad_logits[rows, targets] += 1.0
+    if cap_slope is not None:
+        grad_logits.mul_(cap_slope)
+    return grad_logits
+
+
 class TorchTokenLogprobs(torch.autograd.Function):
     """Log-prob of each target token, chunked over tokens, recomputing the logits in the backward.
 
-    Inputs are already compacted to the positions that count (no ignore_index left).
+    The path for a trainable head (its gradient needs the upstream gradient). Inputs are already compacted to the positions that count (no ignore_index left).
     """
 
     @staticmethod
@@ -135,17 +182,9 @@ class TorchTokenLogprobs(torch.autograd.Function):
             stop = min(start + chunk_size, hidden.shape[0])
             hidden_chunk = hidden[start:stop].to(head.dtype)
             logits = softcap_(float32_matmul(hidden_chunk, head.T), softcap)
-            # Chain rule through the softcap: d(c tanh(z / c)) / dz = 1 - tanh(z / c)^2.
-            cap_slope = (logits / softcap).square_().neg_().add_(1.0) if softcap is not None else None
-            # d logp_t / d z = onehot(t) - softmax(z), built in place over the logits. The one-hot is added
-            # before any rounding to the head's dtype so that a near-certain target (p_t ~ 1) does not
-            # cancel catastrophically.
-            grad_logits = logits.sub_(log_normalizers[start:stop, None]).exp_().neg_()
-            rows = torch.arange(stop - start, device=logits.device)
-            grad_logits[rows, targets[start:stop]] += 1.0
-            if cap_slope is not None:
-                grad_logits.mul_(cap_slope)
-                del cap_slope
+            cap_slope = softcap_slope(logits, softcap)
+            grad_logits = logprob_grad_logits_(logits, log_normalizers[start:stop], targets[start:stop], cap_slope)
+            del cap_slope
             grad_logits.mul_(grad_logprobs[start:stop, None])
             grad_logits = grad_logits.to(head.dtype)
             if grad_hidden is not None:
@@ -154,3 +193,69 @@ class TorchTokenLogprobs(torch.autograd.Function):
                 grad_head += float32_matmul(grad_logits.T, hidden_chunk)
         grad_weight = grad_head.to(weight.dtype) if grad_head is not None else None
         return grad_hidden, grad_weight, None, None, None
+
+
+class TorchFrozenHeadLogprobs(torch.autograd.Function):
+    """Log-prob of each target token with a frozen head; ``d logp / d hidden`` formed in the forward.
+
+    Inputs are already compacted to the positions that count (no ignore_index left); ``weight`` gets no
+    gradient.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        softcap: float | None,
+        chunk_size: int,
+        wants_hidden_grad: bool,
+    ) -> Tensor:
+        """Log-probs of the targets, and their gradients for the hidden states when they will be needed.
+
+        Args:
+            hidden: [M, H] final hidden states.
+            weight: [V, H] LM head (frozen).
+            targets: [M] int64 token ids in [0, V).
+            softcap: Final-logit softcap, or None.
+            chunk_size: Tokens per chunk.
+            wants_hidden_grad: Form ``d logp_t / d h_t`` ([M, H] float32, kept for the backward). False
+                under ``torch.no_grad`` or for hidden states that need no gradient (the reference pass).
+
+        Returns:
+            [M] float32 log-probs.
+        """
+        head = matmul_operand(weight)
+        num_tokens = hidden.shape[0]
+        logprobs = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
+        jacobian = (
+            torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if wants_hidden_grad else None
+        )
+        for start in range(0, num_tokens, chunk_size):
+            stop = min(start + chunk_size, num_tokens)
+            logits = softcap_(float32_matmul(hidden[start:stop].to(head.dtype), head.T), softcap)
+            lse = torch.logsumexp(logits, dim=1)
+            logprobs[start:stop] = logits.gather(1, targets[start:stop, None]).squeeze(1) - lse
+            if jacobian is not None:
+                cap_slope = softcap_slope(logits, softcap)
+                grad_logits = logprob_grad_logits_(logits, lse, targets[start:stop], cap_slope)
+                del cap_slope
+                jacobian[start:stop] = float32_matmul(grad_logits.to(head.dtype), head)
+            del logits
+        ctx.save_for_backward(jacobian if jacobian is not None else logprobs.new_empty(0))
+        ctx.hidden_dtype = hidden.dtype
+        ctx.has_jacobian = jacobian is not None
+        return logprobs
+
+    @staticmethod
+    def backward(ctx, grad_logprobs: Tensor):
+        """Gradient for hidden [M, H]: the kept Jacobian scaled by the upstream [M] gradient."""
+        if not ctx.has_jacobian:
+            raise RuntimeError(
+                "token_logprobs: these log-probs were computed without a gradient for the hidden states "
+                "(under torch.no_grad, or from hidden states that did not require one)"
+            )
+        (jacobian,) = ctx.saved_tensors
+        grad_hidden = (jacobian * grad_logprobs.float()[:, None]).to(ctx.hidden_dtype)
+        return grad_hidden, None, None, None, None, None

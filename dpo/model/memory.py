@@ -375,11 +375,10 @@ def outside_layer_bytes(shape: ModelShape, plan: TrainingPlan, batch: Batch) -> 
     """Saved tensors outside the layers: final norm, log-prob kernel, rotary tables, the label mask."""
     a, h, m = plan.compute_bytes, shape.hidden, batch.completion_tokens
     final_norm = (4 * h + 4) * batch.positions
-    # Besides the [M, H] tensor: targets, positions and per-token float32 scalars, about 44 bytes a token.
-    if plan.logprob_impl == "triton":
-        kernel = 4 * m * h + 44 * m  # float32 d logp / d hidden
-    else:
-        kernel = a * m * h + 44 * m  # hidden states of the completion positions
+    # The frozen head's float32 d logp / d hidden [M, H] (both implementations form it in the forward), plus
+    # targets, positions and per-token float32 scalars: 44 bytes a token for Triton (it also keeps the
+    # log-sum-exps and target log-probs), 32 for the PyTorch path.
+    kernel = 4 * m * h + (44 if plan.logprob_impl == "triton" else 32) * m
     rotary = 2 * batch.tokens * shape.head_dim * a
     label_mask = batch.rows * (batch.tokens - 1)
     # Checkpointed layers keep their inputs, the boolean [R, 1, T, T] attention mask among them.
@@ -456,8 +455,8 @@ def estimate_step(shape: ModelShape, plan: TrainingPlan, batch: Batch) -> Memory
     working = backward_working_set_bytes(shape, plan, batch)
     persistent = quantized + other + lora_params + states
     forward_peak = persistent + saved + workspace
-    backward_peak = persistent + lora_grads + saved + max(recompute + working,
-                                                          workspace if plan.logprob_impl == "torch" else 0)
+    # The log-prob kernels formed d logp / d hidden in the forward (frozen head): their backward is a scale.
+    backward_peak = persistent + lora_grads + saved + recompute + working
     return MemoryEstimate(
         quantized_weights=quantized, other_weights=other, lora_params=lora_params, lora_grads=lora_grads,
         optimizer_states=states, layer_activations=layer, saved_activations=saved, logprob_workspace=workspace,
@@ -512,8 +511,7 @@ def estimate_engine(shape: ModelShape, plan: TrainingPlan, batch: Batch, engine:
             grads = step.lora_grads // shape.layers
     persistent = quantized + other + lora + states + gathered + buffers
     forward_peak = persistent + step.saved_activations + step.logprob_workspace
-    backward_peak = persistent + grads + step.saved_activations + max(
-        step.recompute + step.backward_working_set, step.logprob_workspace if plan.logprob_impl == "torch" else 0)
+    backward_peak = persistent + grads + step.saved_activations + step.recompute + step.backward_working_set
     return replace(step, quantized_weights=quantized, other_weights=other, lora_params=lora, lora_grads=grads,
                    optimizer_states=states, gathered_weights=gathered, engine_buffers=buffers,
                    forward_peak=forward_peak, backward_peak=backward_peak, peak=max(forward_peak, backward_peak))

@@ -200,6 +200,45 @@ def test_frozen_head_gets_no_gradient_even_if_it_requires_grad():
     assert hidden.grad is not None
 
 
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_frozen_head_forward_gradient_equals_the_recompute_backward(softcap):
+    # The frozen-head path forms d logp / d hidden in the forward; the trainable-head path recomputes the
+    # logits in the backward. Same function, same float32 arithmetic up to the order of one scaling.
+    hidden, weight, targets, upstream = make_inputs(37, 24, 1003)
+    hidden.requires_grad_()
+    frozen = token_logprobs(hidden, weight, targets, softcap=softcap, chunk_size=8, impl="torch")
+    (frozen_grad,) = torch.autograd.grad(frozen, hidden, upstream)
+    trainable_weight = weight.clone().requires_grad_()
+    recomputed = token_logprobs(hidden, trainable_weight, targets, softcap=softcap, chunk_size=8, impl="torch")
+    (recomputed_grad,) = torch.autograd.grad(recomputed, hidden, upstream)
+
+    assert torch.equal(frozen, recomputed)
+    assert rel_error(frozen_grad, recomputed_grad) < 1e-6
+
+
+def test_frozen_head_bfloat16_gradient_is_rounded_once():
+    # The forward's [M, H] gradient is kept in float32 and rounded to bf16 only after the upstream scale.
+    hidden, weight, targets, upstream = make_inputs(29, 40, 517, dtype=torch.bfloat16)
+    hidden.requires_grad_()
+    values = token_logprobs(hidden, weight, targets, chunk_size=6, impl="torch")
+    (grad_hidden,) = torch.autograd.grad(values, hidden, upstream)
+    ref_values, ref_grad_hidden, _ = reference_with_grads(hidden, weight, targets, upstream)
+
+    assert grad_hidden.dtype == torch.bfloat16
+    assert rel_error(values, ref_values) < 1e-6
+    assert rel_error(grad_hidden, ref_grad_hidden) < 2**-8
+
+
+def test_frozen_head_values_do_not_depend_on_grad_mode():
+    # Under no_grad (the reference pass) the forward skips the gradient; the values are the same numbers.
+    hidden, weight, targets, _ = make_inputs(21, 16, 301)
+    with torch.no_grad():
+        without_grad = token_logprobs(hidden.requires_grad_(), weight, targets, chunk_size=5, impl="torch")
+    with_grad = token_logprobs(hidden, weight, targets, chunk_size=5, impl="torch")
+    assert without_grad.grad_fn is None and with_grad.grad_fn is not None
+    assert torch.equal(without_grad, with_grad)
+
+
 def test_default_head_trainable_follows_requires_grad():
     hidden, weight, targets, _ = make_inputs(9, 8, 40)
     weight.requires_grad_()
