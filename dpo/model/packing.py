@@ -13,7 +13,9 @@ is handed to the mask builder registered for the model's attention implementatio
 trunk's ``attention_mask`` (with ``position_ids``), which transformers uses as is. That is a boolean mask for
 ``sdpa``, an additive float mask for ``eager`` and a block-sparse ``BlockMask`` for ``flex_attention``, whose
 kernel skips the blocks the mask rules out. On CUDA an ``sdpa`` model is switched to ``flex_attention`` for
-packed batches.
+packed batches; elsewhere (or where FlexAttention fails) to :data:`~dpo.model.segment_attention.SEGMENT_SDPA`,
+SDPA one segment at a time over slices of the same boolean mask, so that neither scores the keys the mask rules
+out (a dense mask makes a row cost its width squared).
 
 :func:`plan_packing` decides whether a model can take this mask. It cannot when its code is not transformers'
 (``trust_remote_code``: nothing says its attention honours a 4-D mask and position ids), when its attention
@@ -37,10 +39,11 @@ from torch import Tensor, nn
 
 from dpo.data.pack import PROMPT, pack_segments, sequence_positions, unpack_to_padded
 from dpo.model.load import ModelError, causal_lm
+from dpo.model.segment_attention import SEGMENT_SDPA, SPANS_KWARG, register_segment_sdpa, segment_spans
 
 Log = Callable[[str], None]
 
-PACKABLE_ATTENTION = ("sdpa", "eager", "flex_attention")
+PACKABLE_ATTENTION = ("sdpa", "eager", "flex_attention", SEGMENT_SDPA)
 FULL, SLIDING = "full_attention", "sliding_attention"
 # Largest relative difference of probe hidden states between the two layouts that counts as rounding: a
 # wrong mask or wrong positions move them by O(1).
@@ -81,7 +84,7 @@ class PackedAttention:
 
     Attributes:
         implementation: the attention implementation the mask is built for (``sdpa``, ``eager``,
-            ``flex_attention``).
+            ``flex_attention``, :data:`SEGMENT_SDPA`).
         windows: ``(layer type, sliding window or None)`` of each mask the model needs.
         per_layer_type: pass ``{layer type: mask}`` (the model mixes full and sliding-window layers whose
             window can cut a sequence); else one mask for every layer.
@@ -93,7 +96,8 @@ class PackedAttention:
 
     def describe(self) -> str:
         kind = {"sdpa": "boolean 4-D mask through SDPA", "eager": "additive 4-D mask through eager attention",
-                "flex_attention": "FlexAttention block mask"}[self.implementation]
+                "flex_attention": "FlexAttention block mask",
+                SEGMENT_SDPA: "SDPA one segment at a time, boolean 4-D mask"}[self.implementation]
         windows = [f"{layer} window {w}" for layer, w in self.windows if w is not None]
         return kind + (f" ({', '.join(windows)})" if windows else "")
 
@@ -126,8 +130,11 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
 def packed_hidden_states(model: nn.Module, batch: dict[str, Tensor], attention: PackedAttention) -> Tensor:
     """Final hidden states ``[R, W, H]`` of a packed batch (``input_ids``, ``position_ids``, segment and branch ids)."""
     masks = attention.masks(batch, compute_dtype(model))
+    extra = {}
+    if attention.implementation == SEGMENT_SDPA:
+        extra[SPANS_KWARG] = segment_spans(batch["segment_ids"], batch["branch_ids"])
     return decoder(model)(input_ids=batch["input_ids"], attention_mask=masks, position_ids=batch["position_ids"],
-                          use_cache=False).last_hidden_state
+                          use_cache=False, **extra).last_hidden_state
 
 
 # --------------------------------------------------------------------------------------- capability
@@ -150,6 +157,8 @@ def static_problem(model: nn.Module, max_length: int | None) -> str | PackedAtte
         return (f"its modelling code ({type(lm).__module__}) is not transformers' own (trust_remote_code), so nothing "
                 "says its attention honours a 4-D mask and position ids")
     implementation = config._attn_implementation
+    if implementation == SEGMENT_SDPA:  # switched by an earlier plan (the policy's, for its reference pass)
+        implementation = "sdpa"
     if implementation not in PACKABLE_ATTENTION:
         return (f"its attention implementation {implementation!r} takes no 4-D mask (packing needs "
                 f"{', '.join(PACKABLE_ATTENTION)})")
@@ -189,6 +198,21 @@ def use_flex_attention(model: nn.Module, attention: PackedAttention, device) -> 
     if lm.config._attn_implementation != "flex_attention":
         return attention
     return PackedAttention("flex_attention", attention.windows, attention.per_layer_type)
+
+
+def use_segment_attention(model: nn.Module, attention: PackedAttention) -> PackedAttention:
+    """Switch an ``sdpa`` model to :data:`SEGMENT_SDPA` (plain ``sdpa`` for anything but packed batches)."""
+    if attention.implementation != "sdpa":
+        return attention
+    register_segment_sdpa()
+    lm = causal_lm(model)
+    try:
+        lm.set_attn_implementation(SEGMENT_SDPA)
+    except (ImportError, ValueError, RuntimeError):
+        return attention
+    if lm.config._attn_implementation != SEGMENT_SDPA:
+        return attention
+    return PackedAttention(SEGMENT_SDPA, attention.windows, attention.per_layer_type)
 
 
 def probe_pairs(vocab_size: int) -> list[tuple[list[int], list[int], list[int]]]:
@@ -254,7 +278,18 @@ def plan_packing(model: nn.Module, max_length: int | None, device, log: Log | No
             causal_lm(model).set_attn_implementation(plan.implementation)
             if log is not None:
                 log(f"packing: FlexAttention failed here ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                    "using a boolean 4-D mask through SDPA")
+                    "using SDPA one segment at a time")
+    segmented = use_segment_attention(model, plan)
+    if segmented is not plan:
+        try:
+            result = checked(model, segmented)
+        except Exception as exc:  # noqa: BLE001 - any failure here leaves the dense mask, which is checked next
+            result = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        if isinstance(result, PackedAttention):
+            return result
+        causal_lm(model).set_attn_implementation(plan.implementation)
+        if log is not None:
+            log(f"packing: SDPA one segment at a time failed its probe ({result}); using the dense boolean mask")
     return checked(model, plan)
 
 

@@ -21,6 +21,7 @@ from dpo.model import (
     trunk,
 )
 from dpo.model.packing import PackedAttention, packed_hidden_states, static_problem
+from dpo.model.segment_attention import SEGMENT_SDPA
 from dpo.recipe import LoraConfig, ModelConfig
 from tests.helpers import build_tiny_model
 
@@ -207,6 +208,8 @@ def test_remote_code_models_fall_back_with_the_reason_and_on_is_an_error(tmp_pat
 
 
 def test_the_probe_catches_a_mask_the_attention_does_not_honour(tmp_path, monkeypatch):
+    import dpo.model.packing as packing
+
     model = load(tmp_path, "llama")
     plan_of(model)
 
@@ -215,8 +218,30 @@ def test_the_probe_catches_a_mask_the_attention_does_not_honour(tmp_path, monkey
         return torch.ones(width, width, dtype=torch.bool).tril().expand(rows, 1, width, width)
 
     monkeypatch.setattr(PackedAttention, "masks", causal_only)
+    monkeypatch.setattr(packing, "use_segment_attention", lambda model, plan: plan)  # the dense mask alone
     reason = plan_packing(model, MAX_LENGTH, "cpu")
     assert isinstance(reason, str) and "probe pair" in reason
+
+
+def test_segment_attention_that_fails_its_probe_falls_back_to_the_dense_mask(tmp_path, monkeypatch):
+    import dpo.model.packing as packing
+
+    model = load(tmp_path, "llama")
+    assert plan_of(model).implementation == SEGMENT_SDPA
+    assert plan_of(load(tmp_path, "gemma2")).implementation == "eager"  # softcap: eager, dense additive mask
+
+    real_spans = packing.segment_spans
+
+    def second_side_without_prompt(segment_ids, branch_ids):  # spans that hide the prompt from the second side
+        rows = real_spans(segment_ids, branch_ids)
+        return tuple(tuple((start, start, sides) for start, _, sides in row) for row in rows)
+
+    monkeypatch.setattr(packing, "segment_spans", second_side_without_prompt)
+    lines = []
+    plan = plan_packing(model, MAX_LENGTH, "cpu", lines.append)
+    assert isinstance(plan, PackedAttention) and plan.implementation == "sdpa"
+    assert model.config._attn_implementation == "sdpa"
+    assert len(lines) == 1 and "failed its probe" in lines[0] and "dense boolean mask" in lines[0]
 
 
 def test_sliding_windows_and_attention_implementations(tmp_path, monkeypatch):
