@@ -39,7 +39,13 @@ from torch import Tensor, nn
 
 from dpo.data.pack import PROMPT, pack_segments, sequence_positions, unpack_to_padded
 from dpo.model.load import ModelError, causal_lm
-from dpo.model.segment_attention import SEGMENT_SDPA, SPANS_KWARG, register_segment_sdpa, segment_spans
+from dpo.model.segment_attention import (
+    SEGMENT_SDPA,
+    SPANS_KWARG,
+    register_segment_sdpa,
+    segment_spans,
+    segments_pay,
+)
 
 Log = Callable[[str], None]
 
@@ -127,12 +133,23 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
     return causal_lm(model).get_input_embeddings().weight.dtype
 
 
-def packed_hidden_states(model: nn.Module, batch: dict[str, Tensor], attention: PackedAttention) -> Tensor:
-    """Final hidden states ``[R, W, H]`` of a packed batch (``input_ids``, ``position_ids``, segment and branch ids)."""
+def packed_hidden_states(model: nn.Module, batch: dict[str, Tensor], attention: PackedAttention,
+                         segments: bool | None = None) -> Tensor:
+    """Final hidden states ``[R, W, H]`` of a packed batch (``input_ids``, ``position_ids``, segment and branch ids).
+
+    ``segments`` (:data:`SEGMENT_SDPA` only): None runs the batch one segment at a time where that pays
+    (:func:`~dpo.model.segment_attention.segments_pay`), else as dense SDPA over the mask; True always one segment
+    at a time (the probe checks that path).
+    """
     masks = attention.masks(batch, compute_dtype(model))
     extra = {}
     if attention.implementation == SEGMENT_SDPA:
-        extra[SPANS_KWARG] = segment_spans(batch["segment_ids"], batch["branch_ids"])
+        spans = segment_spans(batch["segment_ids"], batch["branch_ids"])
+        config = causal_lm(model).config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if segments or (segments is None and segments_pay(spans, batch["input_ids"].shape[1],
+                                                          config.num_attention_heads * head_dim)):
+            extra[SPANS_KWARG] = spans  # else the model's attention is dense SDPA over the mask
     return decoder(model)(input_ids=batch["input_ids"], attention_mask=masks, position_ids=batch["position_ids"],
                           use_cache=False, **extra).last_hidden_state
 
@@ -237,7 +254,7 @@ def probe_difference(model: nn.Module, attention: PackedAttention) -> float:
     was_training = model.training
     model.eval()
     try:
-        packed_hidden = packed_hidden_states(model, packed, attention)
+        packed_hidden = packed_hidden_states(model, packed, attention, segments=True)
         padded_hidden = decoder(model)(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
                                        use_cache=False).last_hidden_state
     finally:

@@ -14,6 +14,12 @@ Every block takes its mask from the 4-D mask transformers built for the layer (t
 uses), so sliding windows and the causal rule are exactly the dense path's; only the keys the mask rules out
 are never scored. Row padding (the tail after the last segment) gets zero output: nothing reads it.
 
+Each block is one SDPA call, with its slicing and autograd bookkeeping: on a small model with short rows that
+overhead exceeds what the skipped keys save (the tiny quickstart model trained 50% slower), so
+:func:`segments_pay` compares the two by a cost model and a batch where they do not pay runs through dense SDPA
+(the same values up to rounding; the choice is a function of the batch, so the reference precompute and
+evaluation make the same one).
+
 It is an attention function registered with transformers' ``AttentionInterface`` (with the ``sdpa`` mask
 builder), not a forked model: the decoder forwards the segment spans to it as a keyword argument, as it does
 the sequence boundaries of flash-attention's variable-length kernels. Without that argument (padded batches,
@@ -32,6 +38,35 @@ SPANS_KWARG = "packed_segment_spans"
 
 # One segment of a row: (prompt start, prompt end, [(side start, side end), ...]), columns of the row.
 SegmentSpans = tuple[int, int, tuple[tuple[int, int], ...]]
+
+
+# One SDPA call per block costs, forward and backward, about as much as this many products of a score and a head
+# dimension in the CPU's attention kernel (measured on a 2-core AMD EPYC: about 0.5 ms a block, against
+# 0.17 ns per score x head dimension).
+BLOCK_OVERHEAD_SCORE_DIMS = 3_000_000
+
+
+def segments_pay(spans: tuple[tuple[SegmentSpans, ...], ...], width: int, score_dims: int) -> bool:
+    """Whether attention one segment at a time costs less than dense SDPA over the rows, by a cost model.
+
+    Dense: every row scores ``width x width`` keys. Segments: each block scores its queries against its keys, plus
+    :data:`BLOCK_OVERHEAD_SCORE_DIMS` / ``score_dims`` for the call itself.
+
+    Args:
+        spans: per row, its segments (:func:`segment_spans`).
+        width: the rows' width W.
+        score_dims: query heads x head dimension (each score costs that many products).
+    """
+    dense = len(spans) * width * width
+    blocks = scored = 0
+    for row in spans:
+        for prompt_start, prompt_end, sides in row:
+            first_end = sides[0][1] if sides else prompt_end
+            blocks, scored = blocks + 1, scored + (first_end - prompt_start) ** 2
+            for side_start, side_end in sides[1:]:
+                length = side_end - side_start
+                blocks, scored = blocks + 1, scored + length * (prompt_end - prompt_start + length)
+    return scored + blocks * BLOCK_OVERHEAD_SCORE_DIMS / max(score_dims, 1) < dense
 
 
 def register_segment_sdpa() -> None:

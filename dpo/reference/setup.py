@@ -19,8 +19,9 @@ implementation (``train.logprob_impl``/``logprob_chunk_size``: torch and Triton 
 and differ only by rounding). One exception: the eval split's key holds ``reference.batch_size``, because
 evaluation batches held-out rows exactly as their precompute did, which is what makes an untrained policy
 reproduce the reference bit for bit; the eval split is small, so recomputing it is cheap. For the same
-reason a packed run's eval key also holds how its rows are packed (``train.max_batch_tokens``); the train key
-does not depend on packing at all (packed and padded batches compute the same values).
+reason a packed run's eval key also holds how its rows are packed (``train.max_batch_tokens``) and
+:data:`PACKED_ATTENTION_VERSION`; the train key does not depend on packing at all (packed and padded batches
+compute the same values).
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ Collate = Callable[[list[dict]], dict[str, Tensor]]
 # Bump when dpo.model.sequence_logprobs or dpo.kernels.token_logprobs change the function they compute
 # (not when they only get faster): every cached value is then recomputed.
 LOGPROB_VERSION = 1
+# Bump when packed batches are computed another way (same values, other rounding): evaluation must reproduce
+# its precompute bit for bit, so held-out values from the earlier way are recomputed. 2: SDPA one segment at a
+# time (dpo.model.segment_attention) instead of one dense mask per row.
+PACKED_ATTENTION_VERSION = 2
 # Verification tolerance per sqrt(token) of a summed log-prob (see
 # dpo.reference.compute.verification_tolerance): float32 differs between batch shapes by ~1e-6 per token,
 # 16-bit and quantized models by ~1e-2.
@@ -126,7 +131,8 @@ def reference_keys(recipe: Recipe, data: PreparedData, index: HashIndex | None =
     train = {**network, "data": data.train_fingerprint}
     evaluation = {**network, "data": data.eval_fingerprint, "eval_batch_size": recipe.reference.batch_size}
     if recipe.train.packing != "off":  # evaluation packs rows exactly as the precompute did
-        evaluation["eval_packed_rows"] = {"max_batch_tokens": recipe.train.max_batch_tokens}
+        evaluation["eval_packed_rows"] = {"max_batch_tokens": recipe.train.max_batch_tokens,
+                                          "attention": PACKED_ATTENTION_VERSION}
     return {"train": (digest_of(train), train), "eval": (digest_of(evaluation), evaluation)}
 
 

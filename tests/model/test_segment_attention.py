@@ -14,11 +14,13 @@ from dpo.data.pack import pack_segments
 from dpo.model import LogprobSettings, SequenceLogprobs, plan_packing
 from dpo.model.packing import packed_mask_function
 from dpo.model.segment_attention import (
+    BLOCK_OVERHEAD_SCORE_DIMS,
     SEGMENT_SDPA,
     SPANS_KWARG,
     is_plainly_causal,
     segment_sdpa_attention_forward,
     segment_spans,
+    segments_pay,
 )
 from tests.model.test_packing import MAX_LENGTH, load, make_rows
 
@@ -57,6 +59,16 @@ def test_spans_of_a_hand_laid_batch():
     plain = packed_batch(share_prompt=False)
     assert all(len(sides) == 1 for row in segment_spans(plain["segment_ids"], plain["branch_ids"])
                for _, _, sides in row)
+
+
+def test_segments_pay_by_hand():
+    spans = segment_spans(*(packed_batch()[k] for k in ("segment_ids", "branch_ids")))
+    # Blocks (queries x keys): row 0: 10 x 10, 9 x (8 + 9); 6 x 6, 3 x (0 + 3); row 1: 9 x 9, 7 x (5 + 7);
+    # 4 x 4, 2 x (1 + 2). 8 blocks scoring 100 + 153 + 36 + 9 + 81 + 84 + 16 + 6 = 485 against 2 x 28 x 28 = 1568.
+    assert segments_pay(spans, 28, score_dims=BLOCK_OVERHEAD_SCORE_DIMS // 135)  # 485 + 8 x 135 = 1565 < 1568
+    assert not segments_pay(spans, 28, score_dims=BLOCK_OVERHEAD_SCORE_DIMS // 136)  # 485 + 8 x 136 = 1573
+    # The tiny quickstart model (4 heads of 16) packs short rows: the calls cost more than the keys they skip.
+    assert not segments_pay(spans, 28, score_dims=64)
 
 
 def test_plainly_causal():
@@ -118,8 +130,11 @@ def test_a_packed_batch_without_its_boolean_mask_is_refused():
 def test_decoders_hand_the_spans_to_the_attention(tmp_path, monkeypatch, arch):
     # An sdpa model is switched to segment attention on the CPU; each layer then runs SDPA once per block
     # (prompt + chosen, rejected), never over a whole row.
+    import dpo.model.packing as packing
+
     model = load(tmp_path, arch, **({"sliding_window": 6} if arch == "mistral" else {})).eval()
     plan = plan_packing(model, MAX_LENGTH, "cpu")
+    monkeypatch.setattr(packing, "segments_pay", lambda *args: True)  # these tiny rows would go dense
     assert plan.implementation == SEGMENT_SDPA and model.config._attn_implementation == SEGMENT_SDPA
     rows = make_rows(model.config.vocab_size)
     batch = collate_packed_paired(rows, 0, row_tokens=10_000)
