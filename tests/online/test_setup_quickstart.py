@@ -56,7 +56,8 @@ def test_online_baselines_raise_the_proxy_and_the_gold_reward(pipeline, recipe):
     summary = online(pipeline, recipe, task)
     before, after = summary["eval_before"], summary["eval_after"]
     assert before["kl/k1"] == 0.0  # the policy starts as the reference: the SFT adapter
-    # Across training seeds (here, 2-core CPU) the held-out proxy rose by 0.15-0.7 and the gold by 0.02-0.1.
+    # Across training seeds 0-2 (here, 2-core CPU) the held-out proxy rose by 0.15-0.68 (PPO) and 0.60-1.27
+    # (RLOO), the gold by 0.04-0.10 and 0.09-0.13.
     assert after["reward/proxy"] > before["reward/proxy"] + 0.1, (before, after)
     assert after["reward/gold"] > before["reward/gold"], (before, after)
     assert math.isfinite(after["kl/k1"]) and 0 < after["kl/k1"] < 5
