@@ -124,7 +124,8 @@ def logprob_grad_logits_(
 class TorchTokenLogprobs(torch.autograd.Function):
     """Log-prob of each target token, chunked over tokens, recomputing the logits in the backward.
 
-    The path for a trainable head (its gradient needs the upstream gradient). Inputs are already compacted to the positions that count (no ignore_index left).
+    The path for a trainable head (its gradient needs the upstream gradient). Inputs are already compacted
+    to the positions that count (no ignore_index left).
     """
 
     @staticmethod

@@ -58,15 +58,9 @@ def segments_pay(spans: tuple[tuple[SegmentSpans, ...], ...], width: int, score_
         score_dims: query heads x head dimension (each score costs that many products).
     """
     dense = len(spans) * width * width
-    blocks = scored = 0
-    for row in spans:
-        for prompt_start, prompt_end, sides in row:
-            first_end = sides[0][1] if sides else prompt_end
-            blocks, scored = blocks + 1, scored + (first_end - prompt_start) ** 2
-            for side_start, side_end in sides[1:]:
-                length = side_end - side_start
-                blocks, scored = blocks + 1, scored + length * (prompt_end - prompt_start + length)
-    return scored + blocks * BLOCK_OVERHEAD_SCORE_DIMS / max(score_dims, 1) < dense
+    blocks = [block for row in spans for segment in row for block in segment_blocks(segment)]
+    scored = sum((queries.stop - queries.start) * sum(k.stop - k.start for k in keys) for queries, keys in blocks)
+    return scored + len(blocks) * BLOCK_OVERHEAD_SCORE_DIMS / max(score_dims, 1) < dense
 
 
 def register_segment_sdpa() -> None:
@@ -106,6 +100,17 @@ def segment_spans(segment_ids: Tensor, branch_ids: Tensor) -> tuple[tuple[Segmen
             spans.append((start, prompt_end, tuple(sides)))
         rows.append(tuple(spans))
     return tuple(rows)
+
+
+def segment_blocks(segment: SegmentSpans) -> list[tuple[slice, list[slice]]]:
+    """The attention blocks of one segment, ``(queries, key spans)``: the prompt and first side over themselves
+    (causal), then each further side over the prompt and itself."""
+    prompt_start, prompt_end, sides = segment
+    first_end = sides[0][1] if sides else prompt_end
+    first = slice(prompt_start, first_end)
+    blocks = [(first, [first])] if first_end > prompt_start else []
+    prompt = slice(prompt_start, prompt_end)
+    return blocks + [(slice(start, end), [prompt, slice(start, end)]) for start, end in sides[1:]]
 
 
 def is_plainly_causal(mask: Tensor) -> bool:
@@ -149,37 +154,30 @@ def segment_sdpa_attention_forward(
     if attention_mask is None or attention_mask.dtype != torch.bool:
         raise ValueError(f"{SEGMENT_SDPA}: a packed batch needs its boolean 4-D mask")
 
-    def attend(row: int, queries: slice, keys: list[slice], causal: bool) -> Tensor:
-        def take(t: Tensor) -> Tensor:
-            parts = [t[row : row + 1, :, k] for k in keys]
-            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-
-        mask = None
-        if not causal:
-            parts = [attention_mask[row : row + 1, :, queries, k] for k in keys]
-            mask = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-        out, _ = sdpa_attention_forward(module, query[row : row + 1, :, queries], take(key), take(value), mask,
-                                        dropout=dropout, scaling=scaling, is_causal=causal, **kwargs)
-        return out  # [1, queries, heads, d]
-
     rows, width = query.shape[0], query.shape[2]
+    if len(spans) != rows:
+        raise ValueError(f"{SEGMENT_SDPA}: spans for {len(spans)} rows, batch of {rows}")
+
+    def join(parts: list[Tensor], dim: int) -> Tensor:
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
     outputs = []
     for row, row_spans in enumerate(spans):
         pieces, column = [], 0
-        for prompt_start, prompt_end, sides in row_spans:
-            first_end = sides[0][1] if sides else prompt_end
-            block = slice(prompt_start, first_end)
-            if first_end > prompt_start:
-                causal = is_plainly_causal(attention_mask[row, :, block, block])
-                pieces.append(attend(row, block, [block], causal))
-            prompt = slice(prompt_start, prompt_end)
-            for side_start, side_end in sides[1:]:
-                side = slice(side_start, side_end)
-                pieces.append(attend(row, side, [prompt, side], causal=False))
-            column = sides[-1][1] if sides else prompt_end
+        for segment in row_spans:
+            for queries, keys in segment_blocks(segment):
+                one = slice(row, row + 1)
+                # The prompt and first side: `is_causal` (the kernel skips the upper triangle) where the mask
+                # there is plainly causal; else, and for the other sides, the mask's own slices.
+                causal = len(keys) == 1 and is_plainly_causal(attention_mask[row, :, queries, queries])
+                mask = None if causal else join([attention_mask[one, :, queries, k] for k in keys], dim=-1)
+                out, _ = sdpa_attention_forward(
+                    module, query[one, :, queries], join([key[one, :, k] for k in keys], dim=2),
+                    join([value[one, :, k] for k in keys], dim=2), mask, dropout=dropout, scaling=scaling,
+                    is_causal=causal, **kwargs)
+                pieces.append(out)  # [1, queries, heads, d]
+                column = queries.stop
         if column < width:
             pieces.append(query.new_zeros(1, width - column, query.shape[1], query.shape[3]))
         outputs.append(torch.cat(pieces, dim=1))
-    if len(outputs) != rows:
-        raise ValueError(f"{SEGMENT_SDPA}: spans for {len(outputs)} rows, batch of {rows}")
     return torch.cat(outputs, dim=0), None
